@@ -1,0 +1,33 @@
+# One venv, CPU torch, the package with its dev extras. `make test` and `make demo` work from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# CPU build first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m gift_merge.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check gift_merge tests benchmarks
+	$(BIN)/ruff format --check gift_merge tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy gift_merge
+
+clean:
+	rm -rf $(VENV) demo build *.egg-info .pytest_cache .ruff_cache .mypy_cache

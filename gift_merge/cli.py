@@ -1,0 +1,169 @@
+"""The ``gift-merge`` command: a thin click layer over the library.
+
+Each command parses its options, calls one library function, and turns :class:`GiftMergeError` into
+one line on stderr and exit code 2 (``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from gift_merge.errors import GiftMergeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _handle_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except GiftMergeError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or info messages.")
+@click.version_option(package_name="gift-merge")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Merge language models and their weight deltas; transfer GIFT adapters."""
+    ctx.ensure_object(dict)
+    ctx.obj["quiet"] = quiet
+    level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda, cuda:1 …")
+@click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard (500MB, 5GB …).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random methods (DARE, DELLA).")
+@click.option("--workers", type=int, default=None, help="Tensors processed concurrently [default: cores, ≤ 4].")
+@click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where earlier stages of a multi-document recipe go [default: OUT-stages].")  # fmt: skip
+@click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar.")
+@click.pass_context
+@_handle_errors
+def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_shard_size: str, overwrite: bool,
+        seed: int, workers: int | None, intermediate_dir: Path | None, quiet_here: bool) -> None:  # fmt: skip
+    """Merge the models in RECIPE into OUT (or the recipe's `output:`)."""
+    from gift_merge.io.sizes import parse_size
+    from gift_merge.merge import MergeOptions, run_recipe
+    from gift_merge.recipe import load_recipe
+
+    quiet = quiet_here or ctx.obj["quiet"]
+    options = MergeOptions(
+        device=_check_device(device),
+        seed=seed,
+        max_shard_bytes=parse_size(out_shard_size),
+        overwrite=overwrite,
+        quiet=quiet,
+        workers=workers,
+        intermediate_dir=intermediate_dir,
+    )
+    destination = run_recipe(load_recipe(recipe), out, options)
+    if not quiet:
+        click.echo(f"merged model written to {destination}")
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise GiftMergeError(f"--device {device}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GiftMergeError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_handle_errors
+def validate(recipe: Path) -> None:
+    """Check RECIPE and every model it names, reading no weights."""
+    from gift_merge.merge import plan_recipe
+    from gift_merge.recipe import load_recipe
+
+    plans = plan_recipe(load_recipe(recipe))
+    jobs = sum(len(p.jobs) for p in plans)
+    click.echo(f"{recipe}: ok ({len(plans)} stage(s), {jobs} output tensors)")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_handle_errors
+def plan(recipe: Path) -> None:
+    """Print the resolved job of every output tensor."""
+    from gift_merge.merge import plan_recipe
+    from gift_merge.plan import describe_job
+    from gift_merge.recipe import load_recipe
+
+    for stage_plan in plan_recipe(load_recipe(recipe)):
+        name = stage_plan.stage.name or "final"
+        size = stage_plan.output_bytes / 1e9
+        click.echo(f"# stage {name}: {stage_plan.operator.name}, {len(stage_plan.jobs)} tensors, {size:.3f} GB")
+        for warning in stage_plan.warnings:
+            click.echo(f"# warning: {warning}")
+        for job in stage_plan.jobs:
+            click.echo(describe_job(job))
+
+
+@main.command()
+@_handle_errors
+def methods() -> None:
+    """List every merge method with its parameters and defaults."""
+    from gift_merge.operators import OPERATORS
+
+    for op in OPERATORS.values():
+        base = {"required": "needs base_model", "optional": "base_model optional", "ignored": "no base"}[op.base]
+        click.echo(f"{op.name}: {op.summary} [{base}]")
+        if op.paper:
+            click.echo(f"    paper: {op.paper}")
+        for p in op.params:
+            scope = "per model" if p.per_model else "per tensor"
+            default = "required" if p.required else f"default {p.default}"
+            click.echo(f"    {p.name} ({scope}, {default}){': ' + p.doc if p.doc else ''}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--revision", default=None, help="Hub revision.")
+@_handle_errors
+def inspect(model: str, revision: str | None) -> None:
+    """Show MODEL's tensors: names, shapes, dtypes and sizes."""
+    from gift_merge.dtypes import dtype_name
+    from gift_merge.io.locate import locate
+    from gift_merge.io.reader import CheckpointReader
+
+    reader = CheckpointReader(locate(model, revision))
+    for name in reader.names:
+        info = reader.info(name)
+        click.echo(f"{name}\t{list(info.shape)}\t{dtype_name(info.dtype)}\t{info.nbytes}")
+    count = sum(reader.info(n).numel for n in reader.names)
+    click.echo(f"# {len(reader.names)} tensors, {count:,} parameters, {reader.total_bytes / 1e9:.3f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Run a plan: read → operator (fp32) → cast → write, a few tensors in flight, never a model.
+
+Jobs run on a small thread pool. torch and safetensors release the GIL while they copy and compute,
+so one job's reads overlap another's arithmetic, and the writer puts each finished tensor at its
+planned offset whatever order jobs finish in. At most ``workers + 1`` jobs are in flight, which is what
+bounds memory. Results do not depend on the order: operators are pure and random ones draw from a
+generator seeded by (seed, tensor name).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gift_merge.io.reader import CheckpointReader
+from gift_merge.io.writer import OutputTensor, ShardedWriter
+from gift_merge.operators import get_operator
+from gift_merge.operators.base import MergeInputs, generator_for
+from gift_merge.plan import MergePlan, TensorJob, TensorSource
+
+
+class _Readers:
+    def __init__(self, plan: MergePlan) -> None:
+        used = {src.model for job in plan.jobs for src in (*job.inputs, job.base) if src is not None}
+        self._readers = {label: CheckpointReader(plan.models[label].folder) for label in used}
+
+    def load(self, src: TensorSource, job: TensorJob, device: torch.device) -> torch.Tensor:
+        tensor = self._readers[src.model].read(src.name)
+        if job.rows is not None and tensor.shape[0] > job.rows:
+            tensor = tensor[: job.rows]
+        if job.copy:
+            return tensor
+        if job.load_dtype is not None:
+            tensor = tensor.to(job.load_dtype)  # mergekit's `dtype`: inputs are rounded to it on load
+        math_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+        # fp32: bf16 subtraction cancels the small deltas fine-tuning leaves
+        return tensor.to(device=device, dtype=math_dtype)
+
+
+def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: int) -> torch.Tensor:
+    """One output tensor, in its output dtype, on the CPU."""
+    if job.copy:
+        return readers.load(job.inputs[0], job, device).contiguous()
+    op = get_operator(job.operator)
+    inputs = MergeInputs(
+        tensors=[readers.load(s, job, device) for s in job.inputs],
+        base=readers.load(job.base, job, device) if job.base else None,
+        model_params=job.model_params,
+        params=job.params,
+        generator=generator_for(seed, job.name) if op.random else None,
+        tensor_name=job.name,
+    )
+    return op.apply(inputs).to(dtype=job.out_dtype).to("cpu").contiguous()
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def execute_plan(
+    plan: MergePlan,
+    folder: Path,
+    *,
+    max_shard_bytes: int,
+    device: str = "cpu",
+    seed: int = 0,
+    quiet: bool = False,
+    workers: int | None = None,
+    label: str = "merge",
+) -> ShardedWriter:
+    """Write the plan's tensors into ``folder`` (a temporary folder the caller renames on success)."""
+    dev = torch.device(device)
+    readers = _Readers(plan)
+    writer = ShardedWriter(folder, [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs], max_shard_bytes)
+    workers = workers or default_workers()
+    bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+               disable=True if quiet else None, dynamic_ncols=True)  # fmt: skip
+    pending: deque[tuple[TensorJob, Future[torch.Tensor]]] = deque()
+    done = 0
+
+    def finish(job: TensorJob, future: Future[torch.Tensor]) -> None:
+        nonlocal done
+        writer.write(job.name, future.result())
+        done += 1
+        bar.update(job.nbytes)
+        bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gift-merge") as pool:
+            for job in plan.jobs:
+                pending.append((job, pool.submit(compute_job, job, readers, dev, seed)))
+                if len(pending) > workers:
+                    finish(*pending.popleft())
+            while pending:
+                finish(*pending.popleft())
+        writer.close()
+    except BaseException:
+        for _, future in pending:
+            future.cancel()
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return writer

@@ -1,0 +1,1 @@
+"""Everything that knows file formats: checkpoints, adapters, the output folder."""

@@ -1,0 +1,97 @@
+"""Everything in an output folder besides the weights: config, tokenizer, recipe, model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from gift_merge.errors import GiftMergeError
+from gift_merge.io.chat_templates import BUILTIN_TEMPLATES
+
+RECIPE_NAME = "gift_merge_recipe.yaml"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model",
+    "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_generation_config(source: Path, out: Path) -> None:
+    if (source / "generation_config.json").is_file():
+        shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
+
+
+def copy_tokenizer(source: Path, out: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+            copied.append(name)
+    copied += [p.name for p in source.glob("*.tiktoken") if shutil.copyfile(p, out / p.name)]
+    return copied
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """A model's chat template, wherever transformers may have saved it."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    for name, key in (("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
+        path = folder / name
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text()).get(key)
+            except ValueError:
+                continue
+            if isinstance(value, str):
+                return value
+    return None
+
+
+def set_chat_template(out: Path, setting: str, input_folders: Iterable[Path]) -> None:
+    """Write the recipe's chat template as ``chat_template.jinja``, the one place transformers reads first."""
+    if setting == "auto":
+        templates = [t for t in (read_chat_template(f) for f in input_folders) if t]
+        if not templates:
+            raise GiftMergeError("chat_template: auto found no chat template in any input model")
+        template = Counter(templates).most_common(1)[0][0]
+    else:
+        template = BUILTIN_TEMPLATES.get(setting, setting)
+    (out / "chat_template.json").unlink(missing_ok=True)
+    config_path = out / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if config.pop("chat_template", None) is not None:
+            write_json(config_path, config)
+    (out / "chat_template.jinja").write_text(template)
+
+
+def write_model_card(out: Path, *, method: str, base: str | None, inputs: list[str], recipe_text: str) -> None:
+    """A README naming the inputs and the method, with the recipe verbatim, as the Hub expects."""
+    hub_ids = [m for m in [base, *inputs] if m and "/" in m and not m.startswith((".", "/", "~"))]
+    lines = ["---"]
+    if hub_ids:
+        lines.append("base_model:")
+        lines += [f"- {m}" for m in dict.fromkeys(hub_ids)]
+    lines += [
+        "library_name: transformers",
+        "tags:",
+        "- gift-merge",
+        "- merge",
+        "---",
+        "",
+        "# Merged model",
+        "",
+    ]
+    lines.append(f"This model was merged with gift-merge using the `{method}` method"
+                 + (f" with `{base}` as the base." if base else "."))  # fmt: skip
+    lines += ["", "## Inputs", ""] + [f"- `{m}`" for m in dict.fromkeys(inputs)]
+    lines += ["", "## Recipe", "", "```yaml", recipe_text.strip(), "```", ""]
+    (out / "README.md").write_text("\n".join(lines))

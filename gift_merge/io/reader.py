@@ -1,0 +1,145 @@
+"""Lazy, read-only access to safetensors checkpoints, single-file or sharded.
+
+Only the headers are parsed up front (a few kilobytes per shard), so a plan over a 70B model costs
+nothing; tensor bytes are copied out of a memory map one tensor at a time when a job asks for them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from gift_merge.errors import GiftMergeError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, known without reading it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def read_header(file: Path) -> dict[str, dict]:
+    """The JSON header of one safetensors file (tensor name → dtype, shape, offsets)."""
+    try:
+        with open(file, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100_000_000:
+                raise ValueError("header length is implausible")
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise GiftMergeError(f"{file}: not a readable safetensors file ({exc})") from exc
+    header.pop("__metadata__", None)
+    return header
+
+
+class CheckpointReader:
+    """One model folder's tensors, opened lazily and read-only."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._infos = self._scan()
+        self._handles: dict[Path, object] = {}
+        self._lock = threading.Lock()
+
+    def _scan(self) -> dict[str, TensorInfo]:
+        folder = self.folder
+        if not folder.is_dir():
+            raise GiftMergeError(f"{folder}: no such model folder")
+        index = folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise GiftMergeError(f"{index}: not a valid safetensors index ({exc})") from exc
+            files = sorted({folder / f for f in weight_map.values()})
+        elif (folder / SINGLE_NAME).is_file():
+            files, weight_map = [folder / SINGLE_NAME], {}
+        else:
+            files, weight_map = sorted(folder.glob("*.safetensors")), {}
+            if not files:
+                bins = sorted(p.name for p in folder.glob("*.bin"))
+                hint = f" (found {bins[0]}: pickled checkpoints are refused; convert to safetensors)" if bins else ""
+                raise GiftMergeError(f"{folder}: no safetensors weights found{hint}")
+        infos: dict[str, TensorInfo] = {}
+        for file in files:
+            if not file.is_file():
+                raise GiftMergeError(f"{index}: shard {file.name} is missing")
+            for name, entry in read_header(file).items():
+                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise GiftMergeError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}")
+                if weight_map and weight_map.get(name) != file.name:
+                    continue  # the index is authoritative where shards overlap
+                infos[name] = TensorInfo(name, tuple(entry["shape"]), dtype, file)
+        missing = set(weight_map) - set(infos)
+        if missing:
+            raise GiftMergeError(f"{index}: tensor {sorted(missing)[0]} is listed but not in its shard")
+        return infos
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise GiftMergeError(f"{self.folder}: no tensor named {name}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """Copy one tensor out of its memory-mapped shard."""
+        info = self.info(name)
+        with self._lock:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = safe_open(str(info.file), framework="pt", device="cpu")
+                self._handles[info.file] = handle
+        return handle.get_tensor(name)  # type: ignore[attr-defined]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())

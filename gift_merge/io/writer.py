@@ -1,0 +1,173 @@
+"""Streaming, size-capped safetensors output with an all-or-nothing folder.
+
+Every output tensor's name, shape and dtype are known from the plan before any tensor is computed, so
+each shard's header can be written up front and each tensor's bytes go straight to their final offset
+(``os.pwrite``) as soon as they exist. Nothing is buffered: peak memory is the tensors in flight, in any
+completion order, and a shard is never held in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gift_merge.errors import GiftMergeError
+from gift_merge.io.reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor the writer will receive: its final name, shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class _Slot:
+    file: str
+    offset: int  # absolute offset of the tensor's bytes in the file
+    tensor: OutputTensor
+
+
+def _shard_groups(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    return groups
+
+
+def _header_bytes(group: Sequence[OutputTensor]) -> tuple[bytes, list[int]]:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    starts, pos = [], 0
+    for t in group:
+        header[t.name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
+        starts.append(pos)
+        pos += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw, starts
+
+
+class ShardedWriter:
+    """Writes a planned set of tensors into ``folder`` as sharded safetensors plus an index."""
+
+    def __init__(self, folder: Path, tensors: Sequence[OutputTensor], max_shard_bytes: int) -> None:
+        self.folder = folder
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise GiftMergeError("output plan names a tensor twice")
+        groups = _shard_groups(tensors, max_shard_bytes)
+        count = len(groups)
+        self.files = [
+            SINGLE_NAME if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)
+        ]
+        self._slots: dict[str, _Slot] = {}
+        self._fds: dict[str, int] = {}
+        self._pending = set(names)
+        self._lock = threading.Lock()
+        for file, group in zip(self.files, groups, strict=True):
+            head, starts = _header_bytes(group)
+            fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[file] = fd
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, len(head) + sum(t.nbytes for t in group))
+            for t, start in zip(group, starts, strict=True):
+                self._slots[t.name] = _Slot(file, len(head) + start, t)
+        self.total_size = sum(t.nbytes for t in tensors)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Put one finished tensor's bytes at its place; thread-safe, any order."""
+        slot = self._slots[name]
+        expected = slot.tensor
+        if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            raise GiftMergeError(
+                f"tensor {name}: computed {tuple(tensor.shape)} {tensor.dtype}, "
+                f"planned {expected.shape} {expected.dtype}"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        written = 0
+        view = memoryview(data)
+        while written < len(view):
+            written += os.pwrite(self._fds[slot.file], view[written:], slot.offset + written)
+        with self._lock:
+            self._pending.discard(name)
+
+    def close(self) -> None:
+        """Close the shards and write the index; refuses if any planned tensor is missing."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self._pending:
+            raise GiftMergeError(f"tensor {sorted(self._pending)[0]} was planned but never written")
+        if len(self.files) > 1:
+            weight_map = {name: slot.file for name, slot in self._slots.items()}
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+@contextmanager
+def atomic_output_folder(destination: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside ``destination``; rename it into place only on success.
+
+    On any error or Ctrl-C the temporary folder is removed and ``destination`` is left as it was, so a
+    folder at the destination always holds a complete merge.
+    """
+    destination = destination.resolve()
+    check_output_free(destination, overwrite=overwrite)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.parent / f".{destination.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = destination.parent / f".{destination.name}.old-{os.getpid()}"
+    if destination.exists():
+        destination.rename(old)
+    tmp.rename(destination)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_free(destination: Path, *, overwrite: bool) -> None:
+    """Fail early (before planning reads anything) when the output folder may not be replaced."""
+    destination = destination.resolve()
+    if destination.exists() and not destination.is_dir():
+        raise GiftMergeError(f"{destination}: exists and is not a folder")
+    if destination.is_dir() and any(destination.iterdir()) and not overwrite:
+        raise GiftMergeError(f"{destination}: folder exists and is not empty (pass --overwrite to replace it)")

@@ -1,0 +1,131 @@
+"""Recipe → merged model folders: plan every stage first, then run them in order.
+
+The whole pipeline is planned before any tensor is read (stages not yet built are described by their
+plans), so a typo in the last document of a multi-document recipe fails in a second, not after an hour
+of merging. Each stage's output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from gift_merge.architecture import detect_layout
+from gift_merge.errors import GiftMergeError
+from gift_merge.execute import execute_plan
+from gift_merge.io import artifacts
+from gift_merge.io.writer import atomic_output_folder, check_output_free
+from gift_merge.models import ModelInfo, ModelResolver
+from gift_merge.plan import MergePlan, plan_stage
+from gift_merge.recipe.schema import MergeStage, Recipe
+
+log = logging.getLogger("gift_merge")
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    device: str = "cpu"
+    seed: int = 0
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    overwrite: bool = False
+    quiet: bool = False
+    workers: int | None = None
+    intermediate_dir: Path | None = None
+
+
+def resolve_output(recipe: Recipe, out: str | Path | None) -> Path:
+    """The output folder: the command line's, else the recipe's ``output:`` (relative to the recipe)."""
+    if out is not None:
+        return Path(out).resolve()
+    if recipe.final.output:
+        return (recipe.folder / recipe.final.output).resolve()
+    raise GiftMergeError("no output folder: give OUT on the command line or 'output:' in the recipe")
+
+
+def _stage_folders(recipe: Recipe, out: Path, intermediate: Path | None) -> dict[str, Path]:
+    root = intermediate or out.parent / f"{out.name}-stages"
+    return {s.name: root / s.name for s in recipe.stages[:-1] if s.name}
+
+
+def _virtual_output(plan: MergePlan, folder: Path, name: str) -> ModelInfo:
+    tensors = {j.name: (j.shape, j.out_dtype) for j in plan.jobs}
+    layout = detect_layout(tensors, plan.config, name)
+    return ModelInfo(name, folder, tensors, plan.config, layout, virtual=True)
+
+
+def plan_recipe(recipe: Recipe, out: Path | None = None, intermediate: Path | None = None) -> list[MergePlan]:
+    """Plan every stage without reading a tensor; later stages see earlier ones' planned outputs."""
+    out = out or Path.cwd() / "merged"
+    resolver = ModelResolver(recipe.folder, _stage_folders(recipe, out, intermediate))
+    plans = []
+    for stage in recipe.stages:
+        plan = plan_stage(stage, resolver)
+        plans.append(plan)
+        if stage.name and stage is not recipe.final:
+            resolver.virtual[stage.name] = _virtual_output(plan, resolver.stage_folders[stage.name], stage.name)
+    return plans
+
+
+def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOptions | None = None) -> Path:
+    """Merge every stage of ``recipe``; return the final output folder."""
+    options = options or MergeOptions()
+    destination = resolve_output(recipe, out)
+    check_output_free(destination, overwrite=options.overwrite)
+    plans = plan_recipe(recipe, destination, options.intermediate_dir)
+    _refuse_inputs_as_output(plans, destination)
+    folders = _stage_folders(recipe, destination, options.intermediate_dir)
+    resolver = ModelResolver(recipe.folder, folders)
+    for stage in recipe.stages:
+        final = stage is recipe.final
+        target = destination if final else folders[stage.name or ""]
+        if not final and _stage_is_current(target, stage):
+            log.info("stage %s: up to date in %s", stage.name, target)
+            continue
+        plan = plan_stage(stage, resolver)  # re-planned against the real outputs of earlier stages
+        for warning in plan.warnings:
+            log.warning(warning)
+        _write_merge(plan, target, options, overwrite=options.overwrite or not final, label=stage.name or "merge")
+    return destination
+
+
+def _refuse_inputs_as_output(plans: list[MergePlan], destination: Path) -> None:
+    for plan in plans:
+        for model in plan.models.values():
+            if not model.virtual and model.folder.resolve() == destination:
+                raise GiftMergeError(f"{destination}: the output folder is also input {model.label}")
+
+
+def _stage_is_current(folder: Path, stage: MergeStage) -> bool:
+    recipe_file = folder / artifacts.RECIPE_NAME
+    return (folder / "config.json").is_file() and recipe_file.is_file() and recipe_file.read_text() == stage.text
+
+
+def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, overwrite: bool, label: str) -> None:
+    reference = plan.models[plan.reference]
+    with atomic_output_folder(destination, overwrite=overwrite) as tmp:
+        execute_plan(
+            plan,
+            tmp,
+            max_shard_bytes=options.max_shard_bytes,
+            device=options.device,
+            seed=options.seed,
+            quiet=options.quiet,
+            workers=options.workers,
+            label=label,
+        )
+        artifacts.write_json(tmp / "config.json", plan.config)
+        artifacts.copy_generation_config(reference.folder, tmp)
+        artifacts.copy_tokenizer(plan.models[plan.tokenizer_model].folder, tmp)
+        if plan.stage.chat_template:
+            artifacts.set_chat_template(tmp, plan.stage.chat_template, [m.folder for m in plan.models.values()])
+        (tmp / artifacts.RECIPE_NAME).write_text(plan.stage.text)
+        stage = plan.stage
+        artifacts.write_model_card(
+            tmp,
+            method=stage.merge_method,
+            base=str(stage.base_model) if stage.base_model else None,
+            inputs=[m.label for m in plan.models.values()],
+            recipe_text=stage.text,
+        )

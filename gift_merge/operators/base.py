@@ -1,0 +1,110 @@
+"""The contract every merge operator fulfils.
+
+An operator is a pure function over the tensors of one output weight. The planner resolves everything
+else (which model is the base, parameter gradients and filters, dtypes) before any tensor is read, so an
+operator never sees a recipe, a file or a layer index: only tensors and plain numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Default of a parameter the recipe must set."""
+
+BaseRole = Literal["required", "optional", "ignored"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe parameter an operator reads.
+
+    ``per_model`` parameters (``weight``, ``density``) have one value per input model; the others
+    (``lambda``, ``normalize``, ``t``) one value per tensor. Both kinds may be gradients or filtered
+    values in a recipe: the planner evaluates them to a plain value per tensor before calling ``apply``.
+    ``check`` returns an error message for an out-of-range value, or ``None``.
+    """
+
+    name: str
+    default: Any = REQUIRED
+    per_model: bool = False
+    doc: str = ""
+    kind: type = float
+    check: Callable[[Any], str | None] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """Everything an operator needs to compute one output tensor.
+
+    ``tensors`` are the inputs other than the base, in recipe order, already on the compute device and
+    in the compute dtype (float32 unless the recipe says otherwise). ``model_params[i]`` holds the
+    per-model parameters of ``tensors[i]`` with defaults filled in; ``params`` the per-tensor ones.
+    Inputs must not be modified: the executor may hand the same tensor to several jobs.
+    """
+
+    tensors: Sequence[torch.Tensor]
+    base: torch.Tensor | None = None
+    model_params: Sequence[Mapping[str, Any]] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    generator: torch.Generator | None = None
+    tensor_name: str = ""
+
+
+@dataclass(frozen=True)
+class Operator:
+    """A registered merge method.
+
+    ``base`` says how the recipe's ``base_model`` takes part: ``required`` (it is ``MergeInputs.base``
+    and must exist), ``optional`` (``base`` when the recipe names one, else ``None``) or ``ignored``
+    (no separate base: a base model listed under ``models`` is just another input).
+    ``min_models``/``max_models`` count the non-base inputs. ``random`` operators get a generator seeded
+    by (seed, tensor name). ``check`` validates the combination of resolved parameters for one tensor
+    and returns an error message or ``None``.
+    """
+
+    name: str
+    apply: Callable[[MergeInputs], torch.Tensor]
+    params: tuple[Param, ...] = ()
+    base: BaseRole = "required"
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+    summary: str = ""
+    paper: str = ""
+    check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+    @property
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+
+def generator_for(seed: int, tensor_name: str) -> torch.Generator:
+    """A CPU generator seeded by (seed, tensor name).
+
+    Seeding per tensor makes random operators independent of execution order and thread count; keeping
+    the generator on the CPU makes the drawn masks identical on every device.
+    """
+    digest = hashlib.blake2b(f"{seed}\0{tensor_name}".encode(), digest_size=8).digest()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return gen

@@ -1,0 +1,298 @@
+"""YAML → validated :class:`Recipe`, failing before any tensor is read.
+
+Every unknown key is an error naming its YAML path with a typo hint, unlike mergekit, which ignores
+them; a YAML file is data and never names code to run. mergekit's multi-document recipes (``---``
+separated, ``name:`` on all but the final one) become stages in dependency order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gift_merge.dtypes import parse_dtype
+from gift_merge.errors import GiftMergeError
+from gift_merge.operators import get_operator
+from gift_merge.operators.base import Operator
+from gift_merge.recipe.schema import InputModel, MergeStage, ModelRef, Recipe, SliceSpec
+from gift_merge.recipe.settings import Setting, compile_setting
+from gift_merge.suggest import did_you_mean
+
+STAGE_KEYS = (
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "output",
+)  # fmt: skip
+MODEL_KEYS = ("model", "parameters")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; relative model paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise GiftMergeError(f"{path}: cannot read recipe ({exc.strerror})") from exc
+    return parse_recipe(text, folder=path.resolve().parent, source=path)
+
+
+def parse_recipe(text: str, *, folder: Path | None = None, source: Path | None = None) -> Recipe:
+    label = str(source) if source else "recipe"
+    try:
+        documents = [
+            (doc, raw) for doc, raw in zip(yaml.safe_load_all(text), _split_documents(text), strict=False) if doc
+        ]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise GiftMergeError(f"{label}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+    if not documents:
+        raise GiftMergeError(f"{label}: empty recipe")
+    multi = len(documents) > 1
+    stages = [
+        _parse_stage(doc, f"{label}" + (f"[document {i + 1}]" if multi else ""), raw)
+        for i, (doc, raw) in enumerate(documents)
+    ]
+    ordered = _order_stages(stages, label) if multi else stages
+    return Recipe(tuple(ordered), (folder or Path.cwd()), source, text)
+
+
+def _split_documents(text: str) -> list[str]:
+    """The raw text of each YAML document, recorded in the output next to the merged model."""
+    parts, current = [], []
+    for line in text.splitlines(keepends=True):
+        if line.rstrip() == "---":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(line)
+    parts.append("".join(current))
+    return [p for p in parts if yaml.safe_load(p) is not None] if len(parts) > 1 else parts
+
+
+def _check_keys(mapping: Any, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
+    if not isinstance(mapping, dict):
+        raise GiftMergeError(f"{where}: expected a mapping, got {type(mapping).__name__}")
+    for key in mapping:
+        if key not in allowed:
+            if key == "modules":
+                raise GiftMergeError(f"{where}.modules: multi-module (VLM) recipes are not supported yet")
+            raise GiftMergeError(f"{where}: unknown key {key!r}{did_you_mean(str(key), allowed)}")
+    return mapping
+
+
+def _parse_parameters(raw: Any, op: Operator, where: str, *, per_model_only: bool) -> dict[str, Setting]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise GiftMergeError(f"{where}: expected a mapping of parameter names to values")
+    known = {p.name: p for p in op.params}
+    result: dict[str, Setting] = {}
+    for name, value in raw.items():
+        param = known.get(name)
+        if param is None:
+            hint = did_you_mean(str(name), known) or (f" ({op.name} takes: {', '.join(known)})" if known else "")
+            raise GiftMergeError(f"{where}.{name}: unknown parameter for {op.name}{hint}")
+        if per_model_only and not param.per_model:
+            raise GiftMergeError(
+                f"{where}.{name}: {name!r} is one value per tensor for {op.name}; set it under the top-level "
+                "or slice 'parameters'"
+            )
+        result[name] = compile_setting(value, f"{where}.{name}")
+    return result
+
+
+def _parse_model(raw: Any, where: str) -> ModelRef:
+    if raw is None:
+        raise GiftMergeError(f"{where}: missing")
+    return ModelRef.parse(raw, where)
+
+
+def _parse_layer_range(raw: Any, where: str) -> tuple[int, int]:
+    ok = isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in raw)
+    if not ok or raw[0] < 0 or raw[1] <= raw[0]:
+        raise GiftMergeError(f"{where}: expected [start, end) with 0 <= start < end, got {raw!r}")
+    return raw[0], raw[1]
+
+
+def _parse_stage(doc: Any, where: str, text: str) -> MergeStage:
+    doc = _check_keys(doc, STAGE_KEYS, where)
+    if "merge_method" not in doc:
+        raise GiftMergeError(f"{where}: missing 'merge_method'")
+    try:
+        op = get_operator(str(doc["merge_method"]))
+    except GiftMergeError as exc:
+        raise GiftMergeError(f"{where}.merge_method: {exc}") from None
+    if ("models" in doc) == ("slices" in doc):
+        raise GiftMergeError(f"{where}: give exactly one of 'models' or 'slices'")
+    models = slices = None
+    if "models" in doc:
+        if not isinstance(doc["models"], list) or not doc["models"]:
+            raise GiftMergeError(f"{where}.models: expected a non-empty list")
+        models = tuple(_parse_input(m, op, f"{where}.models[{i}]", MODEL_KEYS) for i, m in enumerate(doc["models"]))
+    else:
+        if not isinstance(doc["slices"], list) or not doc["slices"]:
+            raise GiftMergeError(f"{where}.slices: expected a non-empty list")
+        slices = tuple(_parse_slice(s, op, f"{where}.slices[{i}]") for i, s in enumerate(doc["slices"]))
+    base = _parse_model(doc["base_model"], f"{where}.base_model") if doc.get("base_model") is not None else None
+    for key in ("dtype", "out_dtype"):
+        if doc.get(key) is not None:
+            parse_dtype(doc[key], f"{where}.{key}")
+    name = doc.get("name")
+    if name is not None and not isinstance(name, str):
+        raise GiftMergeError(f"{where}.name: expected a string")
+    return MergeStage(
+        merge_method=op.name,
+        models=models,
+        slices=slices,
+        base_model=base,
+        parameters=_parse_parameters(doc.get("parameters"), op, f"{where}.parameters", per_model_only=False),
+        dtype=doc.get("dtype"),
+        out_dtype=doc.get("out_dtype"),
+        tokenizer_source=_parse_tokenizer(doc, base, where),
+        chat_template=_parse_chat_template(doc.get("chat_template"), f"{where}.chat_template"),
+        name=name,
+        output=str(doc["output"]) if doc.get("output") is not None else None,
+        text=text,
+    )
+
+
+def _parse_input(raw: Any, op: Operator, where: str, keys: tuple[str, ...]) -> InputModel:
+    raw = _check_keys(raw, keys, where)
+    layer_range = _parse_layer_range(raw["layer_range"], f"{where}.layer_range") if "layer_range" in raw else None
+    if "layer_range" in keys and layer_range is None:
+        raise GiftMergeError(f"{where}: missing 'layer_range'")
+    return InputModel(
+        model=_parse_model(raw.get("model"), f"{where}.model"),
+        parameters=_parse_parameters(raw.get("parameters"), op, f"{where}.parameters", per_model_only=True),
+        layer_range=layer_range,
+        where=where,
+    )
+
+
+def _parse_slice(raw: Any, op: Operator, where: str) -> SliceSpec:
+    raw = _check_keys(raw, SLICE_KEYS, where)
+    sources = raw.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise GiftMergeError(f"{where}.sources: expected a non-empty list")
+    parsed = tuple(_parse_input(s, op, f"{where}.sources[{i}]", SOURCE_KEYS) for i, s in enumerate(sources))
+    spans = {s.layer_range[1] - s.layer_range[0] for s in parsed if s.layer_range}
+    if len(spans) > 1:
+        raise GiftMergeError(
+            f"{where}: every source of a slice must span the same number of layers, got {sorted(spans)}"
+        )
+    base = _parse_model(raw["base_model"], f"{where}.base_model") if raw.get("base_model") is not None else None
+    return SliceSpec(
+        sources=parsed,
+        base_model=base,
+        parameters=_parse_parameters(raw.get("parameters"), op, f"{where}.parameters", per_model_only=False),
+        where=where,
+    )
+
+
+def _parse_tokenizer(doc: Mapping[str, Any], base: ModelRef | None, where: str) -> ModelRef | None:
+    if "tokenizer_source" in doc and "tokenizer" in doc:
+        raise GiftMergeError(f"{where}: give 'tokenizer_source' or 'tokenizer', not both")
+    if "tokenizer" in doc:
+        cfg = _check_keys(doc["tokenizer"], ("source", "tokens", "pad_to_multiple_of"), f"{where}.tokenizer")
+        if cfg.get("tokens") or cfg.get("pad_to_multiple_of"):
+            raise GiftMergeError(f"{where}.tokenizer: 'tokens' and 'pad_to_multiple_of' are not supported yet")
+        source, key = cfg.get("source", "union"), f"{where}.tokenizer.source"
+    elif doc.get("tokenizer_source") is not None:
+        source, key = doc["tokenizer_source"], f"{where}.tokenizer_source"
+    else:
+        return None
+    if source == "union":
+        raise GiftMergeError(f"{key}: 'union' tokenizers are not supported yet; use 'base' or a model")
+    if source == "base":
+        if base is None:
+            raise GiftMergeError(f"{key}: 'base' needs a base_model")
+        return base
+    return _parse_model(source, key)
+
+
+def _parse_chat_template(raw: Any, where: str) -> str | None:
+    from gift_merge.io.chat_templates import BUILTIN_TEMPLATES
+
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise GiftMergeError(f"{where}: expected a template name or a Jinja string")
+    if raw in BUILTIN_TEMPLATES or raw == "auto" or ("{" in raw and len(raw) >= 20):
+        return raw
+    raise GiftMergeError(
+        f"{where}: {raw!r} is neither 'auto', a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a Jinja string"
+    )
+
+
+def _order_stages(stages: list[MergeStage], label: str) -> list[MergeStage]:
+    """Rewrite references to earlier stages and sort the stages so dependencies run first."""
+    names = [s.name for s in stages if s.name]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise GiftMergeError(f"{label}: two documents are named {dup!r}")
+    if sum(1 for s in stages if not s.name) > 1:
+        raise GiftMergeError(f"{label}: only the final document may be unnamed; give the others a 'name'")
+    by_name = {s.name: s for s in stages if s.name}
+
+    def link(ref: ModelRef | None) -> ModelRef | None:
+        if ref is not None and ref.path in by_name and ref.revision is None:
+            return ModelRef(ref.path, None, ref.adapter, ref.adapter_revision, stage=ref.path)
+        return ref
+
+    linked: dict[str, MergeStage] = {}
+    for stage in stages:
+        linked[stage.name or ""] = _relink(stage, link)
+    deps = {key: {r.stage for r in _refs(s) if r.stage} for key, s in linked.items()}
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(key: str) -> None:
+        if key in order:
+            return
+        if key in visiting:
+            raise GiftMergeError(f"{label}: documents refer to each other in a cycle through {key!r}")
+        visiting.add(key)
+        for dep in sorted(deps[key]):
+            visit(dep)
+        visiting.discard(key)
+        order.append(key)
+
+    final = next((s.name or "" for s in stages if not s.name), stages[-1].name or "")
+    for key in [*linked.keys()]:
+        if key != final:
+            visit(key)
+    visit(final)
+    return [linked[k] for k in order]
+
+
+def _refs(stage: MergeStage) -> list[ModelRef]:
+    refs = [stage.base_model, stage.tokenizer_source]
+    refs += [m.model for m in stage.models or ()]
+    for sl in stage.slices or ():
+        refs += [sl.base_model, *(s.model for s in sl.sources)]
+    return [r for r in refs if r is not None]
+
+
+def _relink(stage: MergeStage, link: Any) -> MergeStage:
+    from dataclasses import replace
+
+    def relink_input(m: InputModel) -> InputModel:
+        return replace(m, model=link(m.model))
+
+    return replace(
+        stage,
+        base_model=link(stage.base_model),
+        tokenizer_source=link(stage.tokenizer_source),
+        models=tuple(relink_input(m) for m in stage.models) if stage.models else None,
+        slices=tuple(
+            replace(sl, base_model=link(sl.base_model), sources=tuple(relink_input(s) for s in sl.sources))
+            for sl in stage.slices
+        )
+        if stage.slices
+        else None,
+    )

@@ -1,0 +1,124 @@
+"""Frozen, validated recipe objects: what the planner consumes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gift_merge.errors import GiftMergeError
+from gift_merge.recipe.settings import Setting
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """``path``, ``org/name@revision`` or ``model+adapter`` (mergekit's reference syntax).
+
+    ``stage`` is set when the path names an earlier document of a multi-document recipe; the planner
+    then reads that stage's output.
+    """
+
+    path: str
+    revision: str | None = None
+    adapter: str | None = None
+    adapter_revision: str | None = None
+    stage: str | None = None
+
+    def __str__(self) -> str:
+        text = self.path + (f"@{self.revision}" if self.revision else "")
+        if self.adapter:
+            text += f"+{self.adapter}" + (f"@{self.adapter_revision}" if self.adapter_revision else "")
+        return text
+
+    @property
+    def model_only(self) -> ModelRef:
+        return ModelRef(self.path, self.revision, stage=self.stage)
+
+    @staticmethod
+    def parse(raw: object, where: str) -> ModelRef:
+        if isinstance(raw, dict):
+            return _parse_dict(raw, where)
+        if not isinstance(raw, str) or not raw.strip():
+            raise GiftMergeError(f"{where}: expected a model path or Hub id")
+        parts = raw.strip().split("+")
+        if len(parts) > 2:
+            raise GiftMergeError(f"{where}: {raw!r} has more than one '+' (use model+adapter)")
+        model, model_rev = _split_revision(parts[0], where)
+        adapter, adapter_rev = _split_revision(parts[1], where) if len(parts) == 2 else (None, None)
+        return ModelRef(model, model_rev, adapter, adapter_rev)
+
+
+def _split_revision(text: str, where: str) -> tuple[str, str | None]:
+    pieces = text.split("@")
+    if len(pieces) > 2 or not pieces[0] or (len(pieces) == 2 and not pieces[1]):
+        raise GiftMergeError(f"{where}: {text!r} is not 'path' or 'path@revision'")
+    return pieces[0], pieces[1] if len(pieces) == 2 else None
+
+
+def _parse_dict(raw: dict, where: str) -> ModelRef:
+    """mergekit's long form: ``{model: {path, revision}, lora: {path, revision}}``."""
+    unknown = set(raw) - {"model", "lora", "path", "revision"}
+    if unknown:
+        raise GiftMergeError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    inner = raw.get("model", raw)
+    if not isinstance(inner, dict) or "path" not in inner:
+        raise GiftMergeError(f"{where}: expected {{path, revision}}")
+    lora = raw.get("lora")
+    if lora is not None and (not isinstance(lora, dict) or "path" not in lora):
+        raise GiftMergeError(f"{where}.lora: expected {{path, revision}}")
+    return ModelRef(
+        str(inner["path"]),
+        inner.get("revision"),
+        str(lora["path"]) if lora else None,
+        lora.get("revision") if lora else None,
+    )
+
+
+@dataclass(frozen=True)
+class InputModel:
+    """One input: a ``models:`` entry or a slice source. ``layer_range`` is ``[start, end)``."""
+
+    model: ModelRef
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    sources: tuple[InputModel, ...]
+    base_model: ModelRef | None = None
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class MergeStage:
+    """One merge: a whole single-document recipe, or one document of a multi-document one."""
+
+    merge_method: str
+    models: tuple[InputModel, ...] | None = None
+    slices: tuple[SliceSpec, ...] | None = None
+    base_model: ModelRef | None = None
+    parameters: Mapping[str, Setting] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: ModelRef | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    output: str | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A loaded recipe: its stages in execution order (dependencies first)."""
+
+    stages: tuple[MergeStage, ...]
+    folder: Path
+    path: Path | None = None
+    text: str = ""
+
+    @property
+    def final(self) -> MergeStage:
+        return self.stages[-1]
