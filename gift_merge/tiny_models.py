@@ -18,6 +18,7 @@ import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -142,10 +143,10 @@ def _make_config(arch: str, vocab_size: int, num_layers: int, hidden: int) -> Pr
         raise GiftMergeError(f"hidden={hidden}: must be a multiple of 8 (4 heads, even head_dim for RoPE)")
     if num_layers < 1:
         raise GiftMergeError(f"num_layers={num_layers}: must be at least 1")
-    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    ids: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
     # A non-square MLP (≈2.75×, rounded to 8) catches code that confuses in/out dims.
     intermediate = (hidden * 11 // 4 + 7) // 8 * 8
-    common = {
+    common: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": intermediate,

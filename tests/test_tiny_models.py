@@ -116,9 +116,7 @@ def test_tokenizer_chat_template(tmp_path: Path) -> None:
     build_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert 200 <= len(tok) <= 400
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
-    )
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")

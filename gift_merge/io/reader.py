@@ -133,12 +133,15 @@ class CheckpointReader:
     def read(self, name: str) -> torch.Tensor:
         """Copy one tensor out of its memory-mapped shard."""
         info = self.info(name)
-        with self._lock:
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = safe_open(str(info.file), framework="pt", device="cpu")
-                self._handles[info.file] = handle
-        return handle.get_tensor(name)  # type: ignore[attr-defined]
+        try:
+            with self._lock:
+                handle = self._handles.get(info.file)
+                if handle is None:
+                    handle = safe_open(str(info.file), framework="pt", device="cpu")
+                    self._handles[info.file] = handle
+            return handle.get_tensor(name)  # type: ignore[attr-defined]
+        except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+            raise GiftMergeError(f"{info.file}: cannot read tensor {name} ({exc})") from exc
 
     @property
     def total_bytes(self) -> int:

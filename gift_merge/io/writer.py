@@ -112,7 +112,7 @@ class ShardedWriter:
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         written = 0
-        view = memoryview(data)
+        view = memoryview(data)  # type: ignore[arg-type]  # numpy arrays are buffers
         while written < len(view):
             written += os.pwrite(self._fds[slot.file], view[written:], slot.offset + written)
         with self._lock:

@@ -63,7 +63,8 @@ def parse_recipe(text: str, *, folder: Path | None = None, source: Path | None =
 
 def _split_documents(text: str) -> list[str]:
     """The raw text of each YAML document, recorded in the output next to the merged model."""
-    parts, current = [], []
+    parts: list[str] = []
+    current: list[str] = []
     for line in text.splitlines(keepends=True):
         if line.rstrip() == "---":
             parts.append("".join(current))
