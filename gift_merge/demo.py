@@ -19,12 +19,15 @@ def main(root: Path | None = None) -> int:
         return 2
     from gift_merge.merge import MergeOptions, run_recipe
     from gift_merge.recipe import load_recipe
-    from gift_merge.tiny_models import build_family
+    from gift_merge.tiny_models import build_adapter, build_family
 
     models = root / "demo" / "models"
     if not (models / "code" / "config.json").is_file():
         print(f"building a tiny model family (base, instruct, math, code) in {models} …")
         build_family(models, "llama", seed=0)
+    adapter = root / "demo" / "adapters" / "math-lora"
+    if not (adapter / "adapter_config.json").is_file():
+        build_adapter(models / "base", adapter, seed=0)
     try:
         out = run_recipe(load_recipe(recipe_path), None, MergeOptions(overwrite=True))
     except GiftMergeError as exc:

@@ -25,21 +25,34 @@ from gift_merge.plan import MergePlan, TensorJob, TensorSource
 
 
 class _Readers:
+    """One reader per model folder, and each model's adapter patches applied as tensors are loaded."""
+
     def __init__(self, plan: MergePlan) -> None:
+        self.models = plan.models
         used = {src.model for job in plan.jobs for src in (*job.inputs, job.base) if src is not None}
-        self._readers = {label: CheckpointReader(plan.models[label].folder) for label in used}
+        folders = {plan.models[label].folder for label in used}
+        self._readers = {folder: CheckpointReader(folder) for folder in folders}
 
     def load(self, src: TensorSource, job: TensorJob, device: torch.device) -> torch.Tensor:
-        tensor = self._readers[src.model].read(src.name)
+        model = self.models[src.model]
+        patch = model.patches.get(src.name)
+        if src.delta and model.adapter is not None and patch is not None and patch.additive:
+            # an additive delta needs only the adapter's factors, not the weight it lands on
+            like = torch.empty(0, device=device, dtype=job.math_dtype)
+            return model.adapter.delta(patch, like)
+        tensor = self._readers[model.folder].read(src.name)
         if job.rows is not None and tensor.shape[0] > job.rows:
             tensor = tensor[: job.rows]
         if job.copy:
             return tensor
         if job.load_dtype is not None:
             tensor = tensor.to(job.load_dtype)  # mergekit's `dtype`: inputs are rounded to it on load
-        math_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-        # fp32: bf16 subtraction cancels the small deltas fine-tuning leaves
-        return tensor.to(device=device, dtype=math_dtype)
+        math_dtype = torch.float64 if tensor.dtype == torch.float64 else job.math_dtype
+        # fp32 at least: bf16 subtraction cancels the small deltas fine-tuning leaves
+        tensor = tensor.to(device=device, dtype=math_dtype)
+        if patch is None or model.adapter is None:
+            return tensor
+        return model.adapter.delta(patch, tensor) if src.delta else model.adapter.patched(patch, tensor)
 
 
 def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: int) -> torch.Tensor:

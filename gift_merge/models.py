@@ -17,6 +17,7 @@ import torch
 
 from gift_merge.architecture import LayerLayout, detect_layout
 from gift_merge.errors import GiftMergeError
+from gift_merge.io.adapter import AdapterReader, Patch, is_adapter_folder
 from gift_merge.io.locate import locate
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.recipe.schema import ModelRef
@@ -30,6 +31,9 @@ class ModelInfo:
     config: dict[str, Any]
     layout: LayerLayout
     virtual: bool = False
+    adapter: AdapterReader | None = None
+    patches: Mapping[str, Patch] = field(default_factory=dict)
+    adapter_only: bool = False  # an adapter folder standing as a model: its receiving model plus ΔW
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -68,10 +72,19 @@ class ModelResolver:
     virtual: dict[str, ModelInfo] = field(default_factory=dict)
     _cache: dict[str, ModelInfo] = field(default_factory=dict)
 
-    def resolve(self, ref: ModelRef) -> ModelInfo:
-        if ref.adapter:
-            raise GiftMergeError(f"model {ref}: '+adapter' references are not supported yet")
+    warnings: list[str] = field(default_factory=list)
+
+    def resolve(self, ref: ModelRef, receiver: ModelInfo | None = None) -> ModelInfo:
+        """``ref`` as a model; an adapter folder becomes ``receiver`` plus the adapter's deltas."""
         label = str(ref)
+        if ref.adapter:
+            base = self.resolve(ref.model_only)
+            folder = locate(ref.adapter, ref.adapter_revision, relative_to=self.recipe_folder)
+            return self._with_adapter(label, base, folder, adapter_only=False)
+        if ref.stage is None and (folder := self._local_adapter(ref)) is not None:
+            if receiver is None:
+                raise GiftMergeError(f"model {label}: an adapter stands as a model only in a recipe with a base_model")
+            return self._with_adapter(label, receiver, folder, adapter_only=True)
         if label in self._cache:
             return self._cache[label]
         if ref.stage is not None:
@@ -86,3 +99,51 @@ class ModelResolver:
             info = model_info_from_folder(locate(ref.path, ref.revision, relative_to=self.recipe_folder), label)
         self._cache[label] = info
         return info
+
+    def _local_adapter(self, ref: ModelRef) -> Path | None:
+        for folder in (self.recipe_folder / ref.path, Path(ref.path).expanduser()):
+            if folder.is_dir() and is_adapter_folder(folder):
+                return folder.resolve()
+        return None
+
+    def _with_adapter(self, label: str, base: ModelInfo, folder: Path, *, adapter_only: bool) -> ModelInfo:
+        key = f"{label}\0{base.label}"
+        if key not in self._cache:
+            adapter = AdapterReader(folder, label)
+            shapes = {name: shape for name, (shape, _) in base.tensors.items()}
+            patches = adapter.check_against(shapes, base.label)
+            self._warn_if_unrelated(adapter, base)
+            self._cache[key] = ModelInfo(
+                label, base.folder, base.tensors, base.config, base.layout, base.virtual, adapter, patches, adapter_only
+            )
+        return self._cache[key]
+
+    def _warn_if_unrelated(self, adapter: AdapterReader, base: ModelInfo) -> None:
+        trained_on = adapter.base_model_name
+        if not trained_on:
+            return
+        config_arch = (base.config.get("architectures") or [None])[0]
+        if _family(trained_on) != _family(base.label) and _looks_like_hub_id(base.label):
+            self.warnings.append(
+                f"adapter {adapter.label} was trained on {trained_on}; applying it to {base.label}"
+                + (f" ({config_arch})" if config_arch else "")
+            )
+
+
+_VARIANT_SUFFIXES = ("-instruct", "-chat", "-it", "-base", "-sft", "-hf", "-dpo", "-rlhf")
+
+
+def _family(name: str) -> str:
+    """``Qwen/Qwen2.5-0.5B-Instruct`` → ``qwen2.5-0.5b``: base and instruct models share a family."""
+    stem = name.rstrip("/").split("/")[-1].lower()
+    changed = True
+    while changed:
+        changed = False
+        for suffix in _VARIANT_SUFFIXES:
+            if stem.endswith(suffix):
+                stem, changed = stem[: -len(suffix)], True
+    return stem
+
+
+def _looks_like_hub_id(label: str) -> bool:
+    return label.count("/") == 1 and not label.startswith((".", "/", "~"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from gift_merge.recipe.settings import Setting
 class TensorSource:
     model: str  # a key of MergePlan.models
     name: str
+    delta: bool = False  # load the adapter's change to this tensor rather than the patched tensor
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class TensorJob:
     load_dtype: torch.dtype | None = None  # the recipe's `dtype`: inputs are rounded to it on load
     rows: int | None = None  # vocab tensors: use the first `rows` rows of every input
     copy: bool = False  # non-float tensors (buffers) are copied from the first input unchanged
+    math_dtype: torch.dtype = torch.float32
 
     @property
     def nbytes(self) -> int:
@@ -94,8 +96,8 @@ def plan_stage(stage: MergeStage, resolver: ModelResolver) -> MergePlan:
     op = get_operator(stage.merge_method)
     models: dict[str, ModelInfo] = {}
 
-    def info(ref: ModelRef) -> ModelInfo:
-        model = resolver.resolve(ref)
+    def info(ref: ModelRef, receiver: ModelInfo | None = None) -> ModelInfo:
+        model = resolver.resolve(ref, receiver)
         models[model.label] = model
         return model
 
@@ -108,7 +110,7 @@ def plan_stage(stage: MergeStage, resolver: ModelResolver) -> MergePlan:
     jobs = planner.jobs()
     tokenizer = info(stage.tokenizer_source).label if stage.tokenizer_source else reference
     config = _output_config(models, reference, slices, jobs, stage)
-    return MergePlan(stage, op, jobs, models, reference, tokenizer, config, planner.warnings)
+    return MergePlan(stage, op, jobs, models, reference, tokenizer, config, [*resolver.warnings, *planner.warnings])
 
 
 def _normalise_slices(stage: MergeStage, op: Operator, info: Any, base_label: str | None) -> list[_Slice]:
@@ -121,10 +123,13 @@ def _normalise_slices(stage: MergeStage, op: Operator, info: Any, base_label: st
             specs.append((list(sl.sources), sl.base_model or stage.base_model, sl.parameters, sl.where))
     result = []
     for inputs, base_ref, params, where in specs:
-        slice_base = info(base_ref).label if base_ref else None
+        receiver = info(base_ref) if base_ref else None
+        slice_base = receiver.label if receiver else None
         sources, lengths = [], set()
         for entry in inputs:
-            model = info(entry.model)
+            model = info(entry.model, receiver)
+            if op.deltas and model.adapter is None:
+                raise GiftMergeError(f"{entry.where}.model: {op.name} takes adapter folders, {model.label} is a model")
             start, end = entry.layer_range or (0, model.layout.num_layers)
             if end > model.layout.num_layers:
                 raise GiftMergeError(
@@ -209,6 +214,9 @@ class _Planner:
                    for s in sl.sources}  # fmt: skip
         base = next((sources[s.label] for s in sl.sources if s.is_base), None)
         inputs = [s for s in sl.sources if not s.is_base]
+        if op.deltas:  # an adapter that leaves this tensor alone adds nothing to it
+            inputs = [s for s in inputs if sources[s.label].name in self.models[s.label].patches]
+            sources.update({s.label: replace(sources[s.label], delta=True) for s in inputs})
         primary = sources[sl.primary.label]
         shape, stored = self.models[primary.model].tensors[primary.name]
         rows = self._check_shapes(out_name, [sources[s.label] for s in sl.sources], shape)
@@ -226,6 +234,8 @@ class _Planner:
             problem = op.check(params, model_params)
             if problem:
                 raise GiftMergeError(f"tensor {out_name}: {problem}")
+        # fp64 where an input is a patched model, so operators can recover the adapter's delta exactly
+        patched = any(not src.delta and src.name in self.models[src.model].patches for src in sources.values())
         return TensorJob(
             name=out_name,
             operator=op.name,
@@ -237,6 +247,7 @@ class _Planner:
             out_dtype=out_dtype,
             load_dtype=self.load_dtype,
             rows=rows,
+            math_dtype=torch.float64 if patched else torch.float32,
         )
 
     def _value(

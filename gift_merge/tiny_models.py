@@ -310,3 +310,35 @@ def build_family(
             perturb_scale=scale,
         )
     return paths
+
+
+def build_adapter(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int,
+    r: int = 4,
+    alpha: int = 8,
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    scale: float = 0.02,
+) -> Path:
+    """A PEFT LoRA adapter on ``base_dir`` with random factors, saved by peft itself.
+
+    peft initialises B to zero, which would make every transfer a no-op; random A and B stand in for a
+    trained adapter in tests and the demo until the GIFT trainer makes a real one.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        config = LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="CAUSAL_LM"
+        )
+        peft_model = get_peft_model(model, config)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, param in peft_model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(torch.randn(param.shape, generator=gen) * scale)
+        peft_model.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from gift_merge.cli import main
-from gift_merge.tiny_models import build_family
+from gift_merge.tiny_models import build_adapter, build_family
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -21,6 +21,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("workspace")
     shutil.copytree(Path(__file__).parent.parent / "recipes", root / "recipes")
     build_family(root / "demo" / "models", "llama", seed=0)
+    build_adapter(root / "demo" / "models" / "base", root / "demo" / "adapters" / "math-lora", seed=0)
     return root
 
 

@@ -75,7 +75,8 @@ class Operator:
     (no separate base: a base model listed under ``models`` is just another input).
     ``min_models``/``max_models`` count the non-base inputs. ``random`` operators get a generator seeded
     by (seed, tensor name). ``check`` validates the combination of resolved parameters for one tensor
-    and returns an error message or ``None``.
+    and returns an error message or ``None``. ``deltas`` operators receive each input's change to the
+    base (an adapter's exact ΔW) instead of a full tensor, so nothing is lost to ``(θ_b + ΔW) − θ_b``.
     """
 
     name: str
@@ -88,6 +89,7 @@ class Operator:
     summary: str = ""
     paper: str = ""
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
+    deltas: bool = False
 
     @property
     def global_params(self) -> tuple[Param, ...]:

@@ -1,0 +1,41 @@
+"""GIFT transfer: add adapters' weight deltas to the model that receives them.
+
+    θ' = θ_I + Σ_i λ_i · ΔW_i,    ΔW_i = s_i · B_i A_i  (s = α/r, or α/√r with rsLoRA)
+
+The last step of GIFT (Ruan et al., ACL 2026, https://arxiv.org/abs/2605.01256): a LoRA adapter trained
+on the base model, guided by the instruction-tuned model's token confidences, is merged into the
+instruction-tuned model θ_I. With λ = 1 and one adapter this is exactly peft's ``merge_and_unload`` on
+θ_I (plain "LoRA transfer" / Shadow-FT when the adapter was trained without confidence weights). Each
+ΔW arrives exact from the adapter's factors, is added in fp32 and rounded once. For DoRA and
+``modules_to_save`` adapters, ΔW is the change peft's merge makes to θ_I itself, so λ interpolates
+between θ_I (λ = 0) and peft's result (λ = 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from gift_merge.operators.base import MergeInputs, Operator, Param
+
+
+def _gift(inputs: MergeInputs) -> torch.Tensor:
+    assert inputs.base is not None
+    result = inputs.base.clone()
+    for delta, params in zip(inputs.tensors, inputs.model_params, strict=True):
+        result.add_(delta, alpha=float(params["weight"]))
+    return result
+
+
+GIFT = Operator(
+    name="gift",
+    apply=_gift,
+    params=(Param("weight", 1.0, per_model=True, doc="λ, the scale of this adapter's delta"),),
+    base="required",
+    min_models=1,
+    deltas=True,
+    summary="θ_base + Σ λ·ΔW: transfer LoRA adapters (GIFT, LoRA transfer) into base_model",
+    paper="https://arxiv.org/abs/2605.01256",
+)
+LORA_TRANSFER = replace(GIFT, name="lora_transfer", summary="alias of gift")

@@ -1,0 +1,74 @@
+"""Generalized task arithmetic (GTA): the pipeline behind task_arithmetic, ties, dare, breadcrumbs and della.
+
+For task vectors δ_i = θ_i − θ_b, a sparsifier s (with its own ρ_i, γ_i or ε_i per model) and weights w_i:
+
+    Δ_i = w_i · s(δ_i)
+    without consensus:  mixed = Σ_i Δ_i,        divisor = Σ_i w_i        (|divisor| < 1e-8 → 1)
+    with consensus:     σ = sign⁺(Σ_i Δ_i),  m_i = [sign Δ_i = σ],
+                        mixed = Σ_i m_i Δ_i,    divisor = Σ_i m_i w_i    (0 → 1)
+    θ = θ_b + λ · (mixed / divisor if normalize else mixed)
+
+This is mergekit's ``GeneralizedTaskArithmeticMerge`` (sign election on the *weighted* deltas, σ = +1
+where the sum is ≥ 0). Each variant differs only in its sparsifier, whether it elects signs, and the
+defaults of ``normalize`` and ``rescale`` (L1-norm-match rescale after pruning, applied to whichever
+sparsifier the variant uses). Task arithmetic: https://arxiv.org/abs/2212.04089
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .base import MergeInputs, Param
+from .checks import DENSITY, INT8_MASK, WEIGHT, finite
+from .kernels import disjoint_sum, elect_signs, sign_masks, task_vectors
+
+Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, torch.Generator | None], torch.Tensor]
+"""(δ_i, model i's params, rescale, generator) → pruned δ_i. Called once per model, in input order."""
+
+LAMBDA = Param("lambda", 1.0, doc="Scale of the merged delta.", check=finite("lambda"))
+
+
+def gta_params(*, normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
+    """The parameters every GTA variant declares, with that variant's defaults."""
+    return (
+        WEIGHT,
+        DENSITY,
+        *extra,
+        LAMBDA,
+        Param("normalize", normalize, kind=bool, doc="Divide the mixed delta by the (agreeing) weight sum."),
+        Param("rescale", rescale, kind=bool, doc="After pruning, rescale each delta to its original L1 norm."),
+        INT8_MASK,
+    )
+
+
+def gta_merge(inputs: MergeInputs, sparsify: Sparsifier | None, consensus: bool) -> torch.Tensor:
+    """θ_b + λ·mix(w_i·s(δ_i)) as in the module docstring."""
+    base = inputs.base
+    if base is None:
+        raise ValueError("generalized task arithmetic needs a base tensor")
+    params = inputs.params
+    rescale = bool(params["rescale"])
+    deltas = task_vectors(inputs.tensors, base)
+    if sparsify is not None:
+        deltas = [sparsify(d, mp, rescale, inputs.generator) for d, mp in zip(deltas, inputs.model_params, strict=True)]
+    weights = [float(mp["weight"]) for mp in inputs.model_params]
+    weighted = [d * w for d, w in zip(deltas, weights, strict=True)]
+    del deltas
+
+    divisor: torch.Tensor | float
+    if consensus:
+        masks = sign_masks(weighted, elect_signs(weighted))
+        mixed, divisor = disjoint_sum(weighted, weights, masks)
+    else:
+        mixed = weighted[0].clone()
+        for d in weighted[1:]:
+            mixed += d
+        total = sum(weights)
+        divisor = total if abs(total) >= 1e-8 else 1.0
+
+    if params["normalize"]:
+        mixed = mixed / divisor
+    return base + mixed * float(params["lambda"])

@@ -1,0 +1,40 @@
+"""SLERP: spherical linear interpolation between the base and one other model, per tensor.
+
+The tensor is one flattened vector. With u = v/‖v‖ (a norm ≤ 1e-8 left unnormalised) and d = ⟨u_b, u_1⟩:
+
+    |d| > 0.9995:   θ = (1 − t)·θ_b + t·θ_1                                  (near-parallel: lerp)
+    otherwise:      Ω = arccos d,  θ = sin((1 − t)Ω)/sin Ω · θ_b + sin(tΩ)/sin Ω · θ_1
+
+t = 0 gives the base, t = 1 the other model. Shoemake, "Animating rotation with quaternion curves",
+SIGGRAPH 1985, https://doi.org/10.1145/325165.325242 (no arXiv paper; mergekit cites the same formula).
+
+mergekit computes in numpy float32 on the CPU; here the vectors stay in the compute dtype on their device
+and only the angle is computed in float64, a difference of float32 rounding. mergekit also accepts t
+outside [0, 1] (extrapolation along the arc); here that is rejected as a likely recipe mistake.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import MergeInputs, Operator, Param
+from .checks import interval
+from .kernels import slerp_flat
+
+
+def slerp_merge(inputs: MergeInputs) -> torch.Tensor:
+    if inputs.base is None:
+        raise ValueError("slerp needs a base tensor")
+    return slerp_flat(float(inputs.params["t"]), inputs.base, inputs.tensors[0])
+
+
+SLERP = Operator(
+    name="slerp",
+    apply=slerp_merge,
+    params=(Param("t", doc="Interpolation factor: 0 is the base, 1 the other model.", check=interval("t", 0.0, 1.0)),),
+    base="required",
+    min_models=1,
+    max_models=1,
+    summary="Spherical interpolation between the base and one other model.",
+    paper="https://doi.org/10.1145/325165.325242",
+)

@@ -1,0 +1,281 @@
+"""GIFT training: a LoRA adapter on the base model, read top to bottom as setup → train → save.
+
+A plain PyTorch loop (peft injects LoRA; no ``Trainer`` subclass). Per micro-batch the loss is the
+weighted mean L = Σ w_t ℓ_t / Σ w_t over response tokens (:mod:`gift_merge.train.weights` has the
+weights, :mod:`gift_merge.train.loss` the chunked head); an optimizer step's gradient is the mean of its
+micro-batch losses over all micro-batches of all ranks (the authors summed them, see ``loss.py``).
+Under ``torchrun`` the model is wrapped in DistributedDataParallel and each rank takes its share of
+every step's micro-batches, so the result matches one process with the same global batch.
+
+Everything random is seeded: LoRA's init by ``seed``, the data order by (seed, epoch), each micro-batch's
+dropout by (seed, micro-batch index). That makes ``--resume`` exact and data parallelism equivalent to
+accumulation, and lets a test compare adapters bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from gift_merge.io.writer import check_output_free
+from gift_merge.train import distributed
+from gift_merge.train.checkpoint import load_checkpoint, save_checkpoint
+from gift_merge.train.config import TrainConfig
+from gift_merge.train.dataset import TrainingSet, load_training_set
+from gift_merge.train.loss import micro_batch_scale, select_targets, token_coefficients, weighted_token_loss
+from gift_merge.train.model import (
+    Split,
+    final_hidden,
+    load_model,
+    load_tokenizer,
+    lora_targets,
+    pad_id,
+    resolve_device,
+    resolve_dtype,
+    split_head,
+)
+from gift_merge.train.output import write_adapter
+from gift_merge.train.schedule import Schedule
+from gift_merge.train.weights import Batch, collate
+
+log = logging.getLogger(__name__)
+
+# Settings a checkpoint must share with the run that resumes it; the rest (device, output, how often
+# to save) may change between the two.
+_RESUME_KEYS = (
+    "base", "mode", "instruct", "prompt_template", "eos_token", "r", "alpha", "dropout", "targets", "lr",
+    "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "gamma",
+    "floor", "dtype",
+)  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the folder (rank 0 only) and the trained LoRA tensors (every rank)."""
+
+    out: Any  # Path on rank 0, None elsewhere
+    adapter: dict[str, torch.Tensor]
+    steps: int
+    log: list[dict[str, Any]]
+
+
+class CausalLMLoss(nn.Module):
+    """The model plus its GIFT loss, as one module so DistributedDataParallel sees one forward."""
+
+    def __init__(self, model: PeftModel, split: Split) -> None:
+        super().__init__()
+        self.model = model
+        self.split = split
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        hidden, head = final_hidden(self.model, self.split, batch.input_ids, batch.attention_mask)  # (B, T, H)
+        rows, labels, weights = select_targets(hidden, batch.labels, batch.weights)  # (N, H), (N,), (N,)
+        return weighted_token_loss(rows, head, labels, token_coefficients(weights))
+
+
+def train(config: TrainConfig, *, quiet: bool = False) -> TrainResult:
+    """Train a LoRA adapter on ``config.base`` and write it to ``config.out`` (rank 0)."""
+    ranks = distributed.setup(use_cuda=torch.cuda.is_available() and not config.device.startswith("cpu"))
+    try:
+        device = resolve_device(config.device, ranks.local_rank if ranks.distributed else None)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the caller's RNG state is left as it was
+            return _train(config, ranks, device, quiet=quiet or not ranks.is_main)
+    finally:
+        distributed.teardown(ranks)
+
+
+def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, *, quiet: bool) -> TrainResult:
+    # ---- setup -------------------------------------------------------------------------------------
+    if ranks.is_main:
+        check_output_free(config.out_path, overwrite=config.overwrite)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer, base_folder = load_tokenizer(config.base)
+    data = load_training_set(config, tokenizer, ranks, dtype, quiet=quiet)
+    model = load_model(base_folder, dtype, device)
+    split = split_head(model)
+    targets, conv1d = lora_targets(model, config.targets)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(config.seed)  # LoRA's A init
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft accepts float alphas
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        fan_in_fan_out=conv1d,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model: PeftModel = get_peft_model(model, lora)  # type: ignore[assignment]
+    module: nn.Module = CausalLMLoss(peft_model, split)
+    if ranks.distributed:
+        module = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+    schedule = Schedule(len(data.sequences), config.batch_size, config.grad_accum, ranks.world, config.epochs, config.seed)
+    warmup = math.ceil(schedule.total_steps * config.warmup_ratio)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, schedule.total_steps)
+    fingerprint = {k: _jsonable(getattr(config, k)) for k in _RESUME_KEYS}
+    fingerprint |= {"data_sha256": data.data_sha256, "micro_batches_per_step": schedule.per_step}
+
+    records: list[dict[str, Any]] = []
+    first_step = 0
+    if config.resume is not None:
+        state = load_checkpoint(config.resume, fingerprint, device)
+        with torch.no_grad():
+            for name, param in named:
+                param.copy_(state.weights[name])
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        first_step, records = state.step, state.log
+        log.info("resuming at step %d of %d", first_step, schedule.total_steps)
+
+    # ---- train -------------------------------------------------------------------------------------
+    pad = pad_id(tokenizer)
+    peft_model.train()
+    bar = tqdm(
+        total=schedule.total_steps, initial=first_step, unit="step", desc="train", disable=True if quiet else None
+    )
+    for step in range(first_step, schedule.total_steps):
+        started = time.perf_counter()
+        micro_batches, count = schedule.rank_micro_batches(step, ranks.rank)
+        scale = micro_batch_scale(count, ranks.world)
+        loss_sum, tokens = 0.0, 0
+        for k, micro in enumerate(micro_batches):
+            batch = collate([data.sequences[i] for i in micro.sequences], pad).to(device)
+            torch.manual_seed(_micro_batch_seed(config.seed, micro.index))  # dropout masks
+            last = k == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not ranks.distributed else module.no_sync()  # type: ignore[operator]
+            with sync:
+                loss = module(batch)
+                (loss * (0.0 if micro.filler else scale)).backward()
+            if not micro.filler:
+                loss_sum += float(loss.detach())
+                tokens += batch.num_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_sum, tokens_all = distributed.sum_over_ranks([loss_sum, float(tokens)], ranks, device)
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": step + 1,
+            "epoch": schedule.epoch_of(step) + 1,
+            "loss": loss_sum / count,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": int(tokens_all),
+            "tokens_per_s": tokens_all / elapsed if elapsed > 0 else 0.0,
+        }
+        records.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        _after_step(step + 1)
+        if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < schedule.total_steps:
+            if ranks.is_main:
+                weights = {n: p.detach() for n, p in named}
+                save_checkpoint(
+                    config.checkpoint_root,
+                    step=step + 1,
+                    fingerprint=fingerprint,
+                    weights=weights,
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    log=records,
+                )
+            distributed.barrier(ranks)
+    bar.close()
+
+    # ---- save --------------------------------------------------------------------------------------
+    adapter = {n: p.detach().cpu().clone() for n, p in named}
+    out = None
+    if ranks.is_main:
+        provenance = _provenance(config, data, targets, schedule, warmup, dtype, ranks.world)
+        out = write_adapter(config.out_path, peft_model, log=records, provenance=provenance, overwrite=config.overwrite)
+        shutil.rmtree(config.checkpoint_root, ignore_errors=True)
+    distributed.barrier(ranks)
+    return TrainResult(out=out, adapter=adapter, steps=schedule.total_steps, log=records)
+
+
+def _after_step(step: int) -> None:
+    """Called after every optimizer step; tests replace it to interrupt a run."""
+
+
+def _micro_batch_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index) % (2**63)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _provenance(
+    config: TrainConfig,
+    data: TrainingSet,
+    targets: list[str],
+    schedule: Schedule,
+    warmup: int,
+    dtype: torch.dtype,
+    world: int,
+) -> dict[str, Any]:
+    return {
+        "method": "GIFT (Ruan et al., ACL 2026)" if config.mode == "gift" else "LoRA SFT on the base (Shadow-FT)",
+        "mode": config.mode,
+        "gamma": config.gamma,
+        "floor": config.floor,
+        "eos_weight": 1.0,
+        "loss": "per micro-batch sum(w*ce)/sum(w); step gradient = mean over the step's micro-batches and ranks",
+        "base_model": config.base,
+        "instruct_model": config.instruct,
+        "data": str(config.data),
+        "data_sha256": data.data_sha256,
+        "annotations": str(data.annotations) if data.annotations else None,
+        "prompt": data.prompt,
+        "eos_token": data.eos_token,
+        "max_length": config.max_length,
+        "examples": len(data.sequences),
+        "skipped": data.skipped,
+        "truncated": data.truncated,
+        "lora": {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "targets": targets},
+        "optimizer": {
+            "name": "AdamW",
+            "lr": config.lr,
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "weight_decay": config.weight_decay,
+            "schedule": "linear",
+            "warmup_ratio": config.warmup_ratio,
+            "warmup_steps": warmup,
+            "max_grad_norm": config.max_grad_norm,
+        },
+        "batch": {
+            "per_device": config.batch_size,
+            "grad_accum": config.grad_accum,
+            "world_size": world,
+            "global": config.batch_size * config.grad_accum * world,
+        },
+        "epochs": config.epochs,
+        "steps": schedule.total_steps,
+        "seed": config.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "config": {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()},
+    }
+

@@ -1,0 +1,171 @@
+"""Loading models and tokenizers, choosing LoRA targets, and splitting a causal LM into body and head.
+
+Both annotation and training need the final hidden states rather than the logits, so that the output
+head can be applied to the few rows that matter, chunk by chunk. :func:`split_head` finds the body and
+the head of any ``*ForCausalLM`` and checks, on a short input, that ``head(body(x))`` reproduces the
+model's own logits; architectures that transform logits after the head (Gemma-2's soft-capping,
+Cohere's logit scale) fail the check and use the full forward pass instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from gift_merge.dtypes import parse_dtype
+from gift_merge.errors import GiftMergeError
+from gift_merge.io.locate import locate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The paper's LoRA targets: every attention and MLP projection of Llama, Qwen2, Mistral …"""
+
+EQUIVALENT_TARGETS: tuple[tuple[str, ...], ...] = (
+    DEFAULT_TARGETS,
+    ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # Phi-3
+    ("c_attn", "c_proj", "c_fc"),  # GPT-2 (Conv1D)
+    ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX, Falcon, Bloom
+    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # OPT, Phi-2
+    ("Wqkv", "out_proj", "fc1", "fc2"),  # MPT-style fused attention
+)
+"""Per architecture family, the names that cover all attention and MLP projections; first match wins."""
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` → ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when available, else ``cpu``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank or 0)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise GiftMergeError(f"--device {name}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GiftMergeError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank or 0)
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bfloat16 on a GPU (what the paper trains and annotates in), float32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return parse_dtype(name, "--dtype")
+
+
+def load_tokenizer(reference: str) -> tuple[PreTrainedTokenizerBase, Path]:
+    folder = locate(reference)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise GiftMergeError(f"{reference}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from exc
+    return tokenizer, folder
+
+
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise GiftMergeError(f"{folder}: cannot load as a causal LM ({str(exc).splitlines()[0]})") from exc
+    return model.to(device)  # type: ignore[no-any-return]
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Padding never reaches the loss or the scores, so any id works; prefer the tokenizer's own."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def eos_id(tokenizer: PreTrainedTokenizerBase, eos_token: str | None) -> tuple[int, str]:
+    """The id and text of the end-of-response token: ``eos_token`` if given, else the tokenizer's EOS."""
+    token = eos_token if eos_token is not None else tokenizer.eos_token
+    if not token:
+        raise GiftMergeError("the base tokenizer has no EOS token; pass --eos-token")
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise GiftMergeError(f"--eos-token {token!r}: is {len(ids)} tokens, expected one special token")
+    return int(ids[0]), str(token)
+
+
+def lora_targets(model: nn.Module, requested: tuple[str, ...] | None) -> tuple[list[str], bool]:
+    """LoRA target module names, and whether they are GPT-2 ``Conv1D`` layers (``fan_in_fan_out``).
+
+    Without ``requested``: the first family of :data:`EQUIVALENT_TARGETS` whose names cover all of the
+    model's linear layers of that family. Requested names must each match at least one module.
+    """
+    leaves: dict[str, list[nn.Module]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | Conv1D):
+            leaves.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+    leaves.pop("lm_head", None)
+    if requested is not None:
+        missing = [n for n in requested if n not in leaves and n != "lm_head"]
+        if missing:
+            raise GiftMergeError(
+                f"--targets: no linear module named {missing[0]!r} (have: {', '.join(sorted(leaves))})"
+            )
+        names = list(requested)
+    else:
+        for family in EQUIVALENT_TARGETS:
+            names = [n for n in family if n in leaves]
+            if len(names) >= 2:
+                break
+        else:
+            raise GiftMergeError(
+                f"cannot guess LoRA targets for {type(model).__name__}; pass --targets (linear modules: "
+                f"{', '.join(sorted(leaves))})"
+            )
+    conv = any(isinstance(m, Conv1D) for n in names for m in leaves.get(n, []))
+    return names, conv
+
+
+@dataclass
+class Split:
+    """A causal LM as ``body`` (ids → final hidden states) and ``head`` (hidden → logits), if they compose."""
+
+    body: nn.Module | None  # None: use the model's own logits
+    head: nn.Module
+
+
+def split_head(model: PreTrainedModel) -> Split:
+    """Body and head of ``model``, verified to reproduce its logits on a short input."""
+    body = model.base_model if model.base_model is not model else None
+    head = model.get_output_embeddings()
+    if body is None or head is None:
+        return Split(None, nn.Identity())
+    vocab = int(getattr(head, "out_features", 0) or model.config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (1, 8), generator=generator).to(device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits.float()
+        got = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+    model.train(was_training)
+    if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-2, atol=1e-3):
+        return Split(body, head)
+    log.warning("%s transforms its logits after the output head; using full logits", type(model).__name__)
+    return Split(None, head)
+
+
+def final_hidden(
+    model: nn.Module, split: Split, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, nn.Module]:
+    """``(hidden (B, T, H), head)`` or, for models whose head does not compose, ``(logits, Identity)``."""
+    if split.body is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits, nn.Identity()
+    out = split.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state, split.head

@@ -1,0 +1,41 @@
+"""The adapter folder: PEFT's own files, the training log and ``gift.json``, all or nothing.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` are written by peft's ``save_pretrained``, so
+``PeftModel.from_pretrained(base, folder)`` loads them and gift-merge's adapter reader (``merge_method:
+gift``) transfers them. ``gift.json`` records how the adapter was made, for the merged model's card.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+
+from gift_merge.io.writer import atomic_output_folder
+
+LOG_NAME = "training_log.jsonl"
+PROVENANCE_NAME = "gift.json"
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in ("gift-merge", "torch", "transformers", "peft"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def write_adapter(
+    out: Path, model: PeftModel, *, log: list[dict[str, Any]], provenance: dict[str, Any], overwrite: bool
+) -> Path:
+    """Write the adapter, its log and provenance into a temporary folder, then rename it to ``out``."""
+    with atomic_output_folder(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / LOG_NAME).write_text("".join(json.dumps(record) + "\n" for record in log))
+        (tmp / PROVENANCE_NAME).write_text(json.dumps({**provenance, "versions": versions()}, indent=2) + "\n")
+    return out.resolve()

@@ -1,0 +1,1 @@
+"""Tests of the merge operators and their kernels."""

@@ -1,0 +1,163 @@
+"""The shared kernels, against plain numpy and against the distributions they promise."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gift_merge.operators import generator_for
+from gift_merge.operators.kernels import (
+    breadcrumbs_mask,
+    della_keep_probabilities,
+    elect_signs,
+    flat_dot,
+    flat_norm,
+    l1_rescale,
+    magnitude_mask,
+    random_drop_mask,
+    row_norm,
+    sign_masks,
+    slerp_flat,
+    topk_mask,
+)
+
+
+def reference_topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """The k first entries of the order (value descending, index ascending)."""
+    flat = scores.reshape(-1)
+    keep = np.zeros(flat.size, dtype=bool)
+    keep[np.argsort(-flat, kind="stable")[: max(k, 0)]] = True
+    return keep.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (5, 13), (40, 40)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_topk_mask_matches_a_stable_sort(shape: tuple[int, ...], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(shape, generator=g)
+    n = scores.numel()
+    for k in sorted({0, 1, n // 3, n - 1, n, n + 5}):
+        assert np.array_equal(topk_mask(scores, k).numpy(), reference_topk(scores.numpy(), k)), k
+
+
+def test_topk_mask_breaks_ties_by_index_and_nests() -> None:
+    scores = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0, 2.0])
+    assert topk_mask(scores, 3).tolist() == [False, True, True, True, False, False, False, False]
+    assert topk_mask(scores, 4).tolist() == [False, True, True, True, True, False, False, False]
+    everything_equal = torch.zeros(10)
+    assert topk_mask(everything_equal, 4).tolist() == [True] * 4 + [False] * 6
+    for a in range(9):
+        assert bool((topk_mask(scores, a) <= topk_mask(scores, a + 1)).all())
+
+
+def test_magnitude_mask_keeps_floor_density_n_and_zero_is_empty() -> None:
+    delta = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2, 0.0, 4.0])
+    assert magnitude_mask(delta, 0.5).tolist() == [False, True, False, True, False, False, True]
+    assert not magnitude_mask(delta, 0.1).any()  # ⌊0.7⌋ = 0: nothing kept, no crash
+
+
+def test_breadcrumbs_mask_drops_outliers_then_keeps_the_next() -> None:
+    delta = torch.arange(1.0, 11.0) * torch.tensor([1.0, -1.0] * 5)  # |δ| = 1..10
+    keep = breadcrumbs_mask(delta, density=0.3, gamma=0.2)  # drop 10, 9; keep 8, 7, 6
+    assert torch.nonzero(keep).flatten().tolist() == [5, 6, 7]
+    # n_top + target > N: fewer outliers are dropped so that ⌊ρN⌋ entries stay
+    assert torch.nonzero(breadcrumbs_mask(delta, 0.9, 0.2)).flatten().tolist() == list(range(9))
+
+
+def test_breadcrumbs_mask_without_outliers_is_magnitude_top_k() -> None:
+    g = torch.Generator().manual_seed(3)
+    matrix, vector = torch.randn(64, 64, generator=g), torch.randn(64, generator=g)
+    # mergekit zeroes both: γ = 0 on a matrix, and the default γ = 0.01 on a 64-element vector
+    assert torch.equal(breadcrumbs_mask(matrix, 0.3, 0.0), magnitude_mask(matrix, 0.3))
+    assert torch.equal(breadcrumbs_mask(vector, 0.5, 0.01), magnitude_mask(vector, 0.5))
+    assert int(breadcrumbs_mask(vector, 0.5, 0.01).sum()) == 32
+
+
+def test_random_drop_keeps_density_in_distribution() -> None:
+    delta = torch.ones(200, 500)
+    for density in (0.1, 0.5, 0.9):
+        kept = int(random_drop_mask(delta, density, generator_for(7, f"d{density}")).sum())
+        n = delta.numel()
+        assert abs(kept - density * n) < 5 * math.sqrt(n * density * (1 - density))
+
+
+def test_random_drop_needs_a_generator() -> None:
+    with pytest.raises(ValueError, match="generator"):
+        random_drop_mask(torch.ones(3), 0.5, None)
+
+
+def test_della_probabilities_are_ranked_per_row() -> None:
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(6, 11, generator=g) * torch.arange(1.0, 7.0)[:, None]  # rows on different scales
+    probs = della_keep_probabilities(delta, density=0.5, epsilon=0.2).double().numpy()
+    for row, p in zip(delta.numpy(), probs, strict=True):
+        ranks = np.argsort(np.argsort(np.abs(row), kind="stable"), kind="stable")
+        np.testing.assert_allclose(p, 0.3 + 0.4 * ranks / 10, rtol=1e-6)
+    vector = della_keep_probabilities(torch.tensor([3.0, -1.0, 2.0]), 0.5, 0.2)
+    np.testing.assert_allclose(vector.numpy(), [0.7, 0.3, 0.5], rtol=1e-6)
+    column = della_keep_probabilities(torch.randn(4, 1, generator=g), 0.4, 0.1)
+    np.testing.assert_allclose(column.numpy(), np.full((4, 1), 0.4), rtol=1e-6)  # 1-element rows: p = ρ
+
+
+def test_della_keep_rate_follows_the_rank() -> None:
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(4000, 8, generator=g)
+    probs = della_keep_probabilities(delta, density=0.5, epsilon=0.3)
+    keep = (torch.rand(delta.shape, generator=generator_for(0, "x")) < probs).double()
+    largest = delta.abs().argmax(dim=1, keepdim=True)
+    smallest = delta.abs().argmin(dim=1, keepdim=True)
+    n, sd = 4000, math.sqrt(4000 * 0.25)
+    assert abs(keep.gather(1, largest).sum().item() - 0.8 * n) < 5 * sd
+    assert abs(keep.gather(1, smallest).sum().item() - 0.2 * n) < 5 * sd
+
+
+def test_l1_rescale_matches_the_norm_and_skips_tiny_norms() -> None:
+    delta = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    kept = delta * torch.tensor([1.0, 0.0, 0.0, 1.0])
+    out = l1_rescale(delta, kept)
+    assert out.abs().sum().item() == pytest.approx(10.0)
+    assert out.tolist() == pytest.approx([2.0, 0.0, 0.0, -8.0])
+    tiny = torch.full((4,), 1e-9)
+    assert torch.equal(l1_rescale(tiny, tiny * torch.tensor([1.0, 0, 0, 0])), tiny * torch.tensor([1.0, 0, 0, 0]))
+
+
+def test_sign_election_ties_to_plus_and_ignores_zeros() -> None:
+    a = torch.tensor([1.0, -1.0, 0.0, 2.0])
+    b = torch.tensor([-1.0, 0.5, 0.0, -3.0])
+    sigma = elect_signs([a, b])
+    assert sigma.tolist() == [1.0, -1.0, 1.0, -1.0]
+    ma, mb = sign_masks([a, b], sigma)
+    assert ma.tolist() == [True, True, False, False]
+    assert mb.tolist() == [False, False, False, True]
+
+
+def test_slerp_flat_falls_back_to_lerp_only_when_near_parallel() -> None:
+    g = torch.Generator().manual_seed(0)
+    v0 = torch.randn(50, generator=g)
+    noise = torch.randn(50, generator=g)
+    near = v0 + 0.01 * noise  # cos ≈ 0.99995 > 0.9995
+    assert torch.allclose(slerp_flat(0.3, v0, near), 0.7 * v0 + 0.3 * near)
+    far = v0 + 0.2 * noise  # cos ≈ 0.98: true slerp, measurably different from lerp
+    assert not torch.allclose(slerp_flat(0.3, v0, far), 0.7 * v0 + 0.3 * far, rtol=0, atol=1e-4)
+    assert torch.equal(slerp_flat(0.0, v0, far), v0)
+
+
+def test_reductions_stay_accurate_on_large_tensors() -> None:
+    """torch.dot / linalg.vector_norm lose ~1e-4 here on the CPU; the kernels must not."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1 << 22, generator=g) * 0.01 + 0.005
+    b = torch.randn(1 << 22, generator=g) * 0.01 + 0.005
+    exact_norm = float(np.linalg.norm(a.double().numpy()))
+    exact_dot = float(a.double().numpy() @ b.double().numpy())
+    assert flat_norm(a) == pytest.approx(exact_norm, rel=1e-6)
+    assert flat_dot(a, b) == pytest.approx(exact_dot, rel=1e-6)
+    rows = a.reshape(4, -1)
+    np.testing.assert_allclose(
+        row_norm(rows).double().numpy()[:, 0], np.linalg.norm(rows.double().numpy(), axis=1), rtol=1e-6
+    )
+    kept = a * (b > 0.005)
+    ratio = float(a.double().abs().sum() / kept.double().abs().sum())
+    assert float(l1_rescale(a, kept).double().abs().sum() / kept.double().abs().sum()) == pytest.approx(ratio, rel=1e-6)

@@ -1,0 +1,219 @@
+"""Adapters as deltas: every variant equals peft's own ``merge_and_unload`` on the receiving model.
+
+Adapters are made by peft itself on the tiny *base* models (random factors, as after training) and
+transferred into the *instruct* models, the GIFT setting.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from gift_merge.cli import main
+from tests import reference as ref
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plain": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS}),
+    "rslora-patterns": (
+        "llama",
+        {
+            "r": 6,
+            "lora_alpha": 5,
+            "use_rslora": True,
+            "target_modules": LLAMA_TARGETS,
+            "rank_pattern": {"q_proj": 2, "layers.1.mlp.up_proj": 3},
+            "alpha_pattern": {"down_proj": 11},
+        },
+    ),
+    "gpt2-conv1d": (
+        "gpt2",
+        {"r": 4, "lora_alpha": 16, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
+    ),
+    "qwen2-bias": (
+        "qwen2",
+        {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "v_proj"], "lora_bias": True},
+    ),
+    "qwen2-tied-embedding": ("qwen2", {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "o_proj"]}),
+    "llama-embedding": ("llama", {"r": 3, "lora_alpha": 6, "target_modules": ["embed_tokens", "lm_head", "up_proj"]}),
+    "modules-to-save": (
+        "llama",
+        {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head", "norm"]},
+    ),
+    "dora": (
+        "llama",
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj", "down_proj"], "use_dora": True},
+    ),
+}
+
+
+def make_adapter(base: Path, out: Path, seed: int, **lora: Any) -> Path:
+    """A peft adapter on ``base`` with every trainable tensor randomised, as training would leave it."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **lora))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=gen) * 0.05
+                param.copy_(param * 1.1 + noise if "magnitude" in name else noise)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def peft_merged(target: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def run(tmp_path: Path, text: str, *extra: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(recipe), str(out), "-q", *extra])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module")
+def adapters(families: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: make_adapter(families[arch]["base"], root / name, seed=i, **lora)
+        for i, (name, (arch, lora)) in enumerate(VARIANTS.items())
+    }
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_transfer_equals_peft_merge_and_unload(
+    tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path], variant: str
+) -> None:
+    arch = VARIANTS[variant][0]
+    instruct = families[arch]["instruct"]
+    expected = peft_merged(instruct, adapters[variant])
+    recipes = {
+        "model+adapter": f"merge_method: passthrough\nmodels:\n  - model: {instruct}+{adapters[variant]}\n",
+        "gift": f"merge_method: gift\nbase_model: {instruct}\nmodels:\n  - model: {adapters[variant]}\n",
+    }
+    original = ref.load_all(instruct)
+    for label, text in recipes.items():
+        merged = ref.load_all(run(tmp_path / label, text))
+        assert set(merged) == set(original), label
+        changed = 0
+        for name, tensor in merged.items():
+            err = relative_error(tensor, expected[name])
+            assert err <= 1e-6, f"{variant} via {label}: {name} relative error {err:.2e}"
+            changed += not torch.equal(tensor, original[name])
+        assert changed > 0, f"{variant} via {label}: nothing changed"
+
+
+def test_lambda_scales_the_delta(
+    tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path]
+) -> None:
+    instruct = families["llama"]["instruct"]
+    text = (
+        f"merge_method: gift\nbase_model: {instruct}\nmodels:\n  - model: {adapters['plain']}\n"
+        "    parameters:\n      weight:\n        - {filter: mlp, value: 0.25}\n        - {value: 0.5}\n"
+    )
+    merged = ref.load_all(run(tmp_path, text))
+    full = peft_merged(instruct, adapters["plain"])
+    original = ref.load_all(instruct)
+    for name, tensor in merged.items():
+        lam = 0.25 if "mlp" in name else 0.5
+        expected = ref.f64(original[name]) + lam * (ref.f64(full[name]) - ref.f64(original[name]))
+        ref.assert_close(tensor, expected, torch.float32, name)
+
+
+def lora_delta(adapter: Path, module: str, scale: float) -> np.ndarray:
+    tensors = ref.load_all(adapter)
+    a = tensors[f"base_model.model.{module}.lora_A.weight"].double().numpy()
+    b = tensors[f"base_model.model.{module}.lora_B.weight"].double().numpy()
+    return scale * (b @ a)
+
+
+def test_two_adapters_through_ties_match_float64(tmp_path: Path, families: dict[str, dict[str, Path]]) -> None:
+    llama = families["llama"]
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"]}
+    first = make_adapter(llama["base"], tmp_path / "a1", seed=11, **lora)
+    second = make_adapter(llama["base"], tmp_path / "a2", seed=12, **lora)
+    text = (
+        f"merge_method: ties\nbase_model: {llama['instruct']}\nmodels:\n"
+        f"  - model: {first}\n    parameters: {{weight: 0.7, density: 0.5}}\n"
+        f"  - model: {second}\n    parameters: {{weight: 0.4, density: 0.3}}\n"
+    )
+    merged = ref.load_all(run(tmp_path / "run", text))
+    base = ref.load_all(llama["instruct"])
+    for name, tensor in merged.items():
+        w = ref.f64(base[name])
+        module = name.removesuffix(".weight")
+        if not name.endswith(("q_proj.weight", "down_proj.weight")):
+            assert torch.equal(tensor, base[name]), name  # no adapter touches it: the base, bit for bit
+            continue
+        deltas = [lora_delta(a, module, 2.0) for a in (first, second)]
+        expected, ambiguous = ref.ties(w, [w + d for d in deltas], [0.7, 0.4], [0.5, 0.3])
+        # compare the merged delta itself, relative to its own size (the base dwarfs it)
+        got = tensor.double().numpy() - w
+        want = expected - w
+        keep = ~ambiguous
+        err = np.linalg.norm((got - want)[keep]) / np.linalg.norm(want[keep])
+        assert err < 1e-5, f"{name}: {err:.2e}"
+
+
+def test_adapter_errors_name_the_module(
+    tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path]
+) -> None:
+    llama, qwen = families["llama"], families["qwen2"]
+    # a Qwen2 adapter (with q-bias LoRA) does not fit a Llama model
+    text = f"merge_method: gift\nbase_model: {llama['instruct']}\nmodels:\n  - model: {adapters['qwen2-bias']}\n"
+    (tmp_path / "r.yaml").write_text(text)
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2
+    assert "module model.layers.0.self_attn" in result.output or "module model.embed_tokens" in result.output
+    # an unknown peft type
+    odd = shutil.copytree(adapters["plain"], tmp_path / "odd")
+    config = json.loads((odd / "adapter_config.json").read_text())
+    config["peft_type"] = "LOHA"
+    (odd / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "r2.yaml").write_text(
+        f"merge_method: gift\nbase_model: {llama['instruct']}\nmodels:\n  - model: {odd}\n"
+    )
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "r2.yaml")])
+    assert result.exit_code == 2 and "LOHA" in result.output
+    # a full model where gift wants adapters
+    (tmp_path / "r3.yaml").write_text(
+        f"merge_method: gift\nbase_model: {llama['instruct']}\nmodels:\n  - model: {qwen['math']}\n"
+    )
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "r3.yaml")])
+    assert result.exit_code == 2 and "takes adapter folders" in result.output
+
+
+def test_unrelated_base_warns(tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path]) -> None:
+    from gift_merge.io.adapter import AdapterReader
+    from gift_merge.models import ModelResolver, _family
+
+    assert _family("Qwen/Qwen2.5-0.5B-Instruct") == _family("Qwen/Qwen2.5-0.5B")
+    assert _family("meta-llama/Llama-3.1-8B") != _family("Qwen/Qwen2.5-7B-Instruct")
+    resolver = ModelResolver(tmp_path)
+    base = resolver.resolve(
+        __import__("gift_merge.recipe", fromlist=["ModelRef"]).ModelRef(str(families["llama"]["instruct"]))
+    )
+    base.label = "org/Unrelated-7B-Instruct"
+    resolver._warn_if_unrelated(AdapterReader(adapters["plain"]), base)
+    assert resolver.warnings and "was trained on" in resolver.warnings[0]
