@@ -41,10 +41,20 @@ def _handle_errors(func: F) -> F:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or info messages.")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    envvar="GIFT_MERGE_ALLOW_PICKLE",
+    help="Read pickled .bin weights and adapters (loaded with weights_only; only for files you trust).",
+)
 @click.version_option(package_name="gift-merge")
 @click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> None:
     """Merge language models and their weight deltas; transfer GIFT adapters."""
+    import os
+
+    if allow_pickle:
+        os.environ["GIFT_MERGE_ALLOW_PICKLE"] = "1"  # read by io.reader wherever a checkpoint is opened
     ctx.ensure_object(dict)
     ctx.obj["quiet"] = quiet
     level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO
@@ -58,7 +68,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard (500MB, 5GB …).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random methods (DARE, DELLA).")
-@click.option("--workers", type=int, default=None, help="Tensors processed concurrently [default: cores, ≤ 4].")
+@click.option("--workers", type=int, default=None, help="Tensors processed concurrently [default: cores, 2..8].")
 @click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where earlier stages of a multi-document recipe go [default: OUT-stages].")  # fmt: skip
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar.")
@@ -67,10 +77,12 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_shard_size: str, overwrite: bool,
         seed: int, workers: int | None, intermediate_dir: Path | None, quiet_here: bool) -> None:  # fmt: skip
     """Merge the models in RECIPE into OUT (or the recipe's `output:`)."""
+    from gift_merge.allocator import reuse_large_buffers
     from gift_merge.io.sizes import parse_size
     from gift_merge.merge import MergeOptions, run_recipe
     from gift_merge.recipe import load_recipe
 
+    reuse_large_buffers()
     quiet = quiet_here or ctx.obj["quiet"]
     options = MergeOptions(
         device=_check_device(device),
@@ -165,5 +177,16 @@ def inspect(model: str, revision: str | None) -> None:
     click.echo(f"# {len(reader.names)} tensors, {count:,} parameters, {reader.total_bytes / 1e9:.3f} GB")
 
 
+# The GIFT trainer's commands live with the trainer; imported last because they reuse _handle_errors.
+from gift_merge.train.commands import annotate as _annotate_command  # noqa: E402
+from gift_merge.train.commands import train as _train_command  # noqa: E402
+
+main.add_command(_annotate_command)
+main.add_command(_train_command)
+
 if __name__ == "__main__":
     main()
+
+from gift_merge.extract.cli import extract_lora_command  # noqa: E402  # last: that module imports this one
+
+main.add_command(extract_lora_command)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -72,7 +74,19 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
 
 
 def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    """One job per core (at least two, so reading overlaps computing), at most eight."""
+    return max(2, min(8, os.cpu_count() or 1))
+
+
+@contextmanager
+def _intra_op_threads(count: int) -> Iterator[None]:
+    """Split the cores between concurrent jobs instead of letting each job's ops use all of them."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def execute_plan(
@@ -103,8 +117,9 @@ def execute_plan(
         bar.update(job.nbytes)
         bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
 
+    threads = max(1, (os.cpu_count() or 1) // workers) if dev.type == "cpu" else torch.get_num_threads()
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gift-merge") as pool:
+        with _intra_op_threads(threads), ThreadPoolExecutor(workers, thread_name_prefix="gift-merge") as pool:
             for job in plan.jobs:
                 pending.append((job, pool.submit(compute_job, job, readers, dev, seed)))
                 if len(pending) > workers:

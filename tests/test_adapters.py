@@ -217,3 +217,25 @@ def test_unrelated_base_warns(tmp_path: Path, families: dict[str, dict[str, Path
     base.label = "org/Unrelated-7B-Instruct"
     resolver._warn_if_unrelated(AdapterReader(adapters["plain"]), base)
     assert resolver.warnings and "was trained on" in resolver.warnings[0]
+
+
+def test_pickled_adapter_only_with_opt_in(tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path]) -> None:
+    from safetensors.torch import load_file
+
+    instruct = families["llama"]["instruct"]
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapters["plain"], pickled)
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    text = f"merge_method: gift\nbase_model: {instruct}\nmodels:\n  - model: {pickled}\n"
+    (tmp_path / "r.yaml").write_text(text)
+    refused = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml")], env={"GIFT_MERGE_ALLOW_PICKLE": ""})
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.output
+    # env lists the variable so the runner restores it afterwards: the flag sets it for the process
+    args = ["--allow-pickle", "run", str(tmp_path / "r.yaml"), str(tmp_path / "out"), "-q"]
+    result = CliRunner().invoke(main, args, env={"GIFT_MERGE_ALLOW_PICKLE": ""})
+    assert "GIFT_MERGE_ALLOW_PICKLE" not in __import__("os").environ
+    assert result.exit_code == 0, result.output
+    safe = ref.load_all(run(tmp_path / "safe", f"merge_method: gift\nbase_model: {instruct}\nmodels:\n  - model: {adapters['plain']}\n"))
+    for name, tensor in ref.load_all(tmp_path / "out").items():
+        assert torch.equal(tensor, safe[name]), name

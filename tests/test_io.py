@@ -82,7 +82,7 @@ def test_reader_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(GiftMergeError, match="no such model folder"):
         CheckpointReader(tmp_path / "missing")
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(GiftMergeError, match="pickled checkpoints are refused"):
+    with pytest.raises(GiftMergeError, match="pickled weights can run code"):
         CheckpointReader(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(GiftMergeError, match=r"model\.safetensors: not a readable safetensors file"):
@@ -129,3 +129,16 @@ def test_parse_size(text: str | int, expected: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(GiftMergeError):
         parse_size(text)
+
+
+def test_pickled_weights_need_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = {k: v for k, v in random_tensors(3).items() if v.numel()}
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    monkeypatch.delenv("GIFT_MERGE_ALLOW_PICKLE", raising=False)
+    with pytest.raises(GiftMergeError, match="--allow-pickle"):
+        CheckpointReader(tmp_path)
+    monkeypatch.setenv("GIFT_MERGE_ALLOW_PICKLE", "1")
+    reader = CheckpointReader(tmp_path)
+    for name, tensor in tensors.items():
+        assert reader.info(name).shape == tuple(tensor.shape)
+        assert torch.equal(reader.read(name), tensor)

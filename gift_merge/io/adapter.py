@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from gift_merge.errors import GiftMergeError
-from gift_merge.io.reader import CheckpointReader
+from gift_merge.io.reader import CheckpointReader, pickle_allowed
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,8 +71,13 @@ class AdapterReader:
         self.config = self._read_config()
         if not (self.folder / WEIGHTS_NAME).is_file():
             found = [p.name for p in self.folder.glob("adapter_model*")]
-            hint = f" (found {found[0]}: pickled adapters are refused; re-save with safetensors)" if found else ""
-            raise GiftMergeError(f"{self.folder}: no {WEIGHTS_NAME}{hint}")
+            if not (found and pickle_allowed()):
+                hint = (
+                    f" (found {found[0]}: pass --allow-pickle if you trust it, or re-save with safetensors)"
+                    if found
+                    else ""
+                )
+                raise GiftMergeError(f"{self.folder}: no {WEIGHTS_NAME}{hint}")
         self._tensors = CheckpointReader(self.folder)
         self.patches = self._build_patches()
 

@@ -7,6 +7,7 @@ nothing; tensor bytes are copied out of a memory map one tensor at a time when a
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -19,6 +20,14 @@ from gift_merge.errors import GiftMergeError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+ALLOW_PICKLE_ENV = "GIFT_MERGE_ALLOW_PICKLE"
+
+
+def pickle_allowed() -> bool:
+    """Whether the user opted in to pickled ``.bin`` weights (``--allow-pickle`` sets this variable)."""
+    return os.environ.get(ALLOW_PICKLE_ENV, "") not in ("", "0", "false", "no")
+
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -78,6 +87,7 @@ class CheckpointReader:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        self._pickled_files: dict[Path, dict[str, torch.Tensor]] = {}
         self._infos = self._scan()
         self._handles: dict[Path, object] = {}
         self._lock = threading.Lock()
@@ -98,8 +108,15 @@ class CheckpointReader:
         else:
             files, weight_map = sorted(folder.glob("*.safetensors")), {}
             if not files:
-                bins = sorted(p.name for p in folder.glob("*.bin"))
-                hint = f" (found {bins[0]}: pickled checkpoints are refused; convert to safetensors)" if bins else ""
+                bins = sorted(folder.glob("*.bin"))
+                if bins and pickle_allowed():
+                    return self._scan_pickled(bins)
+                hint = (
+                    f" (found {bins[0].name}: pickled weights can run code; convert to safetensors, or pass "
+                    "--allow-pickle if you trust them)"
+                    if bins
+                    else ""
+                )
                 raise GiftMergeError(f"{folder}: no safetensors weights found{hint}")
         infos: dict[str, TensorInfo] = {}
         for file in files:
@@ -115,6 +132,21 @@ class CheckpointReader:
         missing = set(weight_map) - set(infos)
         if missing:
             raise GiftMergeError(f"{index}: tensor {sorted(missing)[0]} is listed but not in its shard")
+        return infos
+
+    def _scan_pickled(self, files: list[Path]) -> dict[str, TensorInfo]:
+        """Opted-in ``.bin`` weights, loaded with ``weights_only`` and memory-mapped (read lazily)."""
+        infos: dict[str, TensorInfo] = {}
+        for file in files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+                raise GiftMergeError(f"{file}: cannot load pickled weights ({exc})") from exc
+            if not isinstance(state, dict):
+                raise GiftMergeError(f"{file}: expected a state dict of tensors")
+            self._pickled_files[file] = state
+            for name, tensor in state.items():
+                infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
         return infos
 
     def __contains__(self, name: str) -> bool:
@@ -133,6 +165,8 @@ class CheckpointReader:
     def read(self, name: str) -> torch.Tensor:
         """Copy one tensor out of its memory-mapped shard."""
         info = self.info(name)
+        if info.file in self._pickled_files:
+            return self._pickled_files[info.file][name].clone()
         try:
             with self._lock:
                 handle = self._handles.get(info.file)

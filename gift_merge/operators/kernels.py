@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 RESCALE_EPS = 1e-7
@@ -58,6 +59,20 @@ def row_norm(a: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- selection
 
 
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a 1-D tensor, as a 0-d tensor on its device.
+
+    A selection, never a sort. On the CPU numpy's introselect (``np.partition``) is about 10× faster than
+    ``torch.kthvalue`` on multi-million-entry tensors; both return the same value, so the mask built from it
+    is the same on every device.
+    """
+    n = flat.numel()
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        values = flat.detach().numpy()
+        return torch.tensor(np.partition(values, n - k)[n - k], dtype=flat.dtype)
+    return torch.kthvalue(flat, n - k + 1).values
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the ``k`` largest entries of ``scores`` (any shape, ranked over all entries).
 
@@ -72,7 +87,7 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest
+    threshold = kth_largest(flat, k)
     above = flat > threshold
     ties = flat == threshold
     need = k - int(above.sum())
