@@ -15,7 +15,10 @@ from typing import Any, TypeVar
 
 import click
 
+from gift_merge.allocator import enable_huge_pages
 from gift_merge.errors import GiftMergeError
+
+enable_huge_pages()  # before anything imports torch: its allocator reads the switch once
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -23,7 +23,7 @@ import torch
 
 from .base import MergeInputs, Param
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
-from .kernels import disjoint_sum, elect_signs, sign_masks, task_vectors
+from .kernels import consensus_sum, task_vectors
 
 Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, torch.Generator | None], torch.Tensor]
 """(δ_i, model i's params, rescale, generator) → pruned δ_i. Called once per model, in input order."""
@@ -55,20 +55,20 @@ def gta_merge(inputs: MergeInputs, sparsify: Sparsifier | None, consensus: bool)
     if sparsify is not None:
         deltas = [sparsify(d, mp, rescale, inputs.generator) for d, mp in zip(deltas, inputs.model_params, strict=True)]
     weights = [float(mp["weight"]) for mp in inputs.model_params]
-    weighted = [d * w for d, w in zip(deltas, weights, strict=True)]
+    # the task vectors are this function's own temporaries: weight, sum and scale them in place
+    weighted = [d.mul_(w) for d, w in zip(deltas, weights, strict=True)]
     del deltas
 
     divisor: torch.Tensor | float
     if consensus:
-        masks = sign_masks(weighted, elect_signs(weighted))
-        mixed, divisor = disjoint_sum(weighted, weights, masks)
+        mixed, divisor = consensus_sum(weighted, weights)
     else:
-        mixed = weighted[0].clone()
+        mixed = weighted[0]
         for d in weighted[1:]:
-            mixed += d
+            mixed.add_(d)
         total = sum(weights)
         divisor = total if abs(total) >= 1e-8 else 1.0
 
     if params["normalize"]:
-        mixed = mixed / divisor
-    return base + mixed * float(params["lambda"])
+        mixed.div_(divisor)
+    return mixed.mul_(float(params["lambda"])).add_(base)

@@ -88,11 +88,12 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     threshold = kth_largest(flat, k)
+    at_least = flat >= threshold
+    if int(torch.count_nonzero(at_least)) == k:  # the usual case: no tie crosses the cut
+        return at_least.view(scores.shape)
     above = flat > threshold
     ties = flat == threshold
-    need = k - int(above.sum())
-    if int(ties.sum()) == need:  # the usual case: no tie crosses the cut, skip the int64 cumsum
-        return (above | ties).view(scores.shape)
+    need = k - int(torch.count_nonzero(above))
     tie_rank = torch.cumsum(ties, dim=0)  # 1-based rank among tied entries, in index order
     return (above | (ties & (tie_rank <= need))).view(scores.shape)
 
@@ -179,7 +180,7 @@ def bernoulli_mask(probs: torch.Tensor, generator: torch.Generator | None) -> to
 
 def masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
     """m ⊙ δ, optionally L1-rescaled by :func:`l1_rescale`."""
-    kept = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    kept = delta * mask  # one fused pass; a dropped entry becomes ±0, which never counts as a sign
     return l1_rescale(delta, kept) if rescale else kept
 
 
@@ -216,6 +217,31 @@ def elect_signs(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
 def sign_masks(weighted: Sequence[torch.Tensor], sigma: torch.Tensor) -> list[torch.Tensor]:
     """m_i = [sign(Δ_i) = σ]; a pruned (zero) entry has sign 0 and never agrees."""
     return [torch.sign(d) == sigma for d in weighted]
+
+
+def consensus_sum(weighted: Sequence[torch.Tensor], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`elect_signs` + :func:`sign_masks` + :func:`disjoint_sum` in a few fused passes.
+
+    The agreeing entries for σ = +1 are exactly the positive Δ_i, for σ = −1 the negative ones, so with
+    P = Σ max(Δ_i, 0) and N = Σ min(Δ_i, 0) the disjoint sum is P where P + N ≥ 0 and N elsewhere, and the
+    divisor likewise picks Σ w_i over the positive or the negative entries. No per-model masks are built.
+    P + N is Σ Δ_i summed in another order; the two differ only where the sum is within rounding of zero.
+    """
+    first = weighted[0]
+    pos = first.clamp_min(0)
+    neg = first.clamp_max(0)
+    pos_weight = (first > 0).to(first.dtype).mul_(weights[0])
+    neg_weight = (first < 0).to(first.dtype).mul_(weights[0])
+    for d, w in zip(weighted[1:], weights[1:], strict=True):
+        pos.add_(d.clamp_min(0))
+        neg.add_(d.clamp_max(0))
+        pos_weight.add_((d > 0).to(d.dtype), alpha=w)
+        neg_weight.add_((d < 0).to(d.dtype), alpha=w)
+    up = (pos + neg) >= 0
+    mixed = torch.where(up, pos, neg)
+    divisor = torch.where(up, pos_weight, neg_weight)
+    divisor.masked_fill_(divisor == 0, 1.0)
+    return mixed, divisor
 
 
 def disjoint_sum(
