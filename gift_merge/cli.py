@@ -180,16 +180,14 @@ def inspect(model: str, revision: str | None) -> None:
     click.echo(f"# {len(reader.names)} tensors, {count:,} parameters, {reader.total_bytes / 1e9:.3f} GB")
 
 
-# The GIFT trainer's commands live with the trainer; imported last because they reuse _handle_errors.
+# Commands that live with their feature; imported last because they reuse _handle_errors.
+from gift_merge.extract.cli import extract_lora_command  # noqa: E402
 from gift_merge.train.commands import annotate as _annotate_command  # noqa: E402
 from gift_merge.train.commands import train as _train_command  # noqa: E402
 
 main.add_command(_annotate_command)
 main.add_command(_train_command)
+main.add_command(extract_lora_command)
 
 if __name__ == "__main__":
     main()
-
-from gift_merge.extract.cli import extract_lora_command  # noqa: E402  # last: that module imports this one
-
-main.add_command(extract_lora_command)

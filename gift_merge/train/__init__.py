@@ -20,7 +20,7 @@ from gift_merge.train.config import AnnotateConfig, TrainConfig
 
 __all__ = ["AnnotateConfig", "TrainConfig", "annotate", "train"]
 
-_HOMES = {"annotate": "gift_merge.train.annotate", "train": "gift_merge.train.loop"}
+_HOMES = {"annotate": "gift_merge.train.annotation", "train": "gift_merge.train.loop"}
 
 
 def __getattr__(name: str) -> Any:

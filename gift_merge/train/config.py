@@ -138,9 +138,17 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 class AnnotateConfig(_Config):
     """Options of ``gift-merge annotate``: score every response token with the instruct model."""
 
-    instruct: str = _opt(dataclasses.MISSING, "Instruct model (folder or Hub id) whose probabilities are the scores.")
-    data: str = _opt(dataclasses.MISSING, "Input JSON Lines: {instruction,response}, {prompt,response} or {messages}.")
-    out: str = _opt(dataclasses.MISSING, 'Output JSON Lines: the input rows plus "scores": [[q, q], …].')
+    instruct: str = _opt(
+        dataclasses.MISSING, "Instruct model (folder or Hub id) whose probabilities are the scores.", metavar="MODEL"
+    )
+    data: str = _opt(
+        dataclasses.MISSING,
+        "Input JSON Lines: {instruction,response}, {prompt,response} or {messages}.",
+        metavar="IN.jsonl",
+    )
+    out: str = _opt(
+        dataclasses.MISSING, 'Output JSON Lines: the input rows plus "scores": [[q, q], …].', metavar="OUT.jsonl"
+    )
     prompt_template: str | None = _opt(
         None, "Prompt with {instruction}, for models without a chat template [default: the chat template]."
     )
@@ -162,16 +170,24 @@ class AnnotateConfig(_Config):
 class TrainConfig(_Config):
     """Options of ``gift-merge train``: a LoRA adapter on the base model, GIFT-weighted or plain SFT."""
 
-    base: str = _opt(dataclasses.MISSING, "Base model (folder or Hub id) the adapter is trained on.")
-    data: str = _opt(dataclasses.MISSING, 'Training JSON Lines; rows with "scores" are used as annotated.')
-    out: str = _opt(dataclasses.MISSING, "Adapter folder to write (PEFT format, plus gift.json and a log).")
+    base: str = _opt(dataclasses.MISSING, "Base model (folder or Hub id) the adapter is trained on.", metavar="MODEL")
+    data: str = _opt(
+        dataclasses.MISSING, 'Training JSON Lines; rows with "scores" are used as annotated.', metavar="FILE"
+    )
+    out: str = _opt(
+        dataclasses.MISSING, "Adapter folder to write (PEFT format, plus gift.json and a log).", metavar="DIR"
+    )
     mode: str = _opt("gift", "gift: weight each token by max(q, floor)^γ; sft: plain mean (Shadow-FT).")
     instruct: str | None = _opt(
-        None, "Instruct model: its chat template builds prompts, and it annotates data that has no scores."
+        None,
+        "Instruct model: its chat template builds prompts, and it annotates data that has no scores.",
+        metavar="MODEL",
     )
     prompt_template: str | None = _opt(None, "Prompt with {instruction}, instead of the chat template.")
     eos_token: str | None = _opt(None, "End-of-response token appended to targets [default: the base's EOS].")
-    r: int = _opt(64, "LoRA rank.")
+    r: int = _opt(
+        64, "LoRA rank (--lora-r under torchrun, whose parser takes --r for its --role).", aliases=("--lora-r",)
+    )
     alpha: float = _opt(128.0, "LoRA alpha (scale alpha/r).")
     dropout: float = _opt(0.05, "LoRA dropout.")
     targets: tuple[str, ...] | None = _opt(
@@ -226,12 +242,16 @@ class TrainConfig(_Config):
         return out.parent / f"{out.name}.checkpoints"
 
 
-FieldDoc = tuple[str, Any, str]
+FieldDoc = tuple[str, Any, str, tuple[str, ...]]
 
 
 def field_docs(cls: type[_Config]) -> list[FieldDoc]:
-    """``(name, default, help)`` of every option, for the CLI's flags and ``--help``."""
-    return [(f.name, f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]
+    """``(name, default, help, extra flags)`` of every option, for the CLI's flags and ``--help``."""
+    return [(f.name, f.default, f.metadata["help"], f.metadata.get("aliases", ())) for f in dataclasses.fields(cls)]
+
+
+def metavar(cls: type[_Config], name: str) -> str | None:
+    return next(f.metadata.get("metavar") for f in dataclasses.fields(cls) if f.name == name)
 
 
 def load_train_section(path: str | Path) -> tuple[dict[str, Any], Path]:

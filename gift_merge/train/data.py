@@ -158,8 +158,9 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, examples: list[Example]) ->
     """
     if not examples:
         return []
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-    fulls = tokenizer([e.prompt + e.response for e in examples], add_special_tokens=False)["input_ids"]
+    # verbose=False: texts longer than the model's context are expected here; truncation comes later.
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
+    fulls = tokenizer([e.prompt + e.response for e in examples], add_special_tokens=False, verbose=False)["input_ids"]
     return [(list(full), len(prompt)) for full, prompt in zip(fulls, prompts, strict=True)]
 
 

@@ -90,7 +90,7 @@ def load_training_set(
             )
         annotations = annotation_cache(config, data_sha, builder.describe(), dtype)
         if ranks.is_main and not annotations.exists():
-            from gift_merge.train.annotate import annotate
+            from gift_merge.train.annotation import annotate
 
             log.info("annotating %s with %s into %s", config.data, config.instruct, annotations)
             annotate(

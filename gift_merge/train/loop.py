@@ -20,7 +20,9 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +40,7 @@ from gift_merge.train.dataset import TrainingSet, load_training_set
 from gift_merge.train.loss import micro_batch_scale, select_targets, token_coefficients, weighted_token_loss
 from gift_merge.train.model import (
     Split,
+    enable_checkpointing,
     final_hidden,
     load_model,
     load_tokenizer,
@@ -49,7 +52,7 @@ from gift_merge.train.model import (
 )
 from gift_merge.train.output import write_adapter
 from gift_merge.train.schedule import Schedule
-from gift_merge.train.weights import Batch, collate
+from gift_merge.train.weights import collate
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ _RESUME_KEYS = (
 class TrainResult:
     """What a run produced: the folder (rank 0 only) and the trained LoRA tensors (every rank)."""
 
-    out: Any  # Path on rank 0, None elsewhere
+    out: Path | None  # None on ranks other than 0
     adapter: dict[str, torch.Tensor]
     steps: int
     log: list[dict[str, Any]]
@@ -80,9 +83,11 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.split = split
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        hidden, head = final_hidden(self.model, self.split, batch.input_ids, batch.attention_mask)  # (B, T, H)
-        rows, labels, weights = select_targets(hidden, batch.labels, batch.weights)  # (N, H), (N,), (N,)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        hidden, head = final_hidden(self.model, self.split, input_ids, attention_mask)  # (B, T, H)
+        rows, labels, weights = select_targets(hidden, labels, weights)  # (N, H), (N,), (N,)
         return weighted_token_loss(rows, head, labels, token_coefficients(weights))
 
 
@@ -105,11 +110,11 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
     dtype = resolve_dtype(config.dtype, device)
     tokenizer, base_folder = load_tokenizer(config.base)
     data = load_training_set(config, tokenizer, ranks, dtype, quiet=quiet)
-    model = load_model(base_folder, dtype, device)
+    model = load_model(base_folder, dtype, device, quiet=quiet)
     split = split_head(model)
     targets, conv1d = lora_targets(model, config.targets)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     torch.manual_seed(config.seed)  # LoRA's A init
     lora = LoraConfig(
         r=config.r,
@@ -120,14 +125,18 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model: PeftModel = get_peft_model(model, lora)  # type: ignore[assignment]
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, lora)
     module: nn.Module = CausalLMLoss(peft_model, split)
     if ranks.distributed:
         module = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
-    schedule = Schedule(len(data.sequences), config.batch_size, config.grad_accum, ranks.world, config.epochs, config.seed)
+    schedule = Schedule(
+        len(data.sequences), config.batch_size, config.grad_accum, ranks.world, config.epochs, config.seed
+    )
     warmup = math.ceil(schedule.total_steps * config.warmup_ratio)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, schedule.total_steps)
     fingerprint = {k: _jsonable(getattr(config, k)) for k in _RESUME_KEYS}
@@ -155,30 +164,31 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
         started = time.perf_counter()
         micro_batches, count = schedule.rank_micro_batches(step, ranks.rank)
         scale = micro_batch_scale(count, ranks.world)
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens = torch.zeros((), device=device), 0  # a tensor: no device sync per micro-batch
         for k, micro in enumerate(micro_batches):
-            batch = collate([data.sequences[i] for i in micro.sequences], pad).to(device)
+            host_batch = collate([data.sequences[i] for i in micro.sequences], pad)
+            batch = host_batch.to(device)
             torch.manual_seed(_micro_batch_seed(config.seed, micro.index))  # dropout masks
             last = k == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not ranks.distributed else module.no_sync()  # type: ignore[operator]
             with sync:
-                loss = module(batch)
+                loss = module(batch.input_ids, batch.attention_mask, batch.labels, batch.weights)
                 (loss * (0.0 if micro.filler else scale)).backward()
             if not micro.filler:
-                loss_sum += float(loss.detach())
-                tokens += batch.num_tokens
+                loss_sum += loss.detach()
+                tokens += host_batch.num_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_sum, tokens_all = distributed.sum_over_ranks([loss_sum, float(tokens)], ranks, device)
+        loss_all, tokens_all = distributed.sum_over_ranks([float(loss_sum), float(tokens)], ranks, device)
         elapsed = time.perf_counter() - started
         record = {
             "step": step + 1,
             "epoch": schedule.epoch_of(step) + 1,
-            "loss": loss_sum / count,
+            "loss": loss_all / count,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens": int(tokens_all),
@@ -278,4 +288,3 @@ def _provenance(
         "gradient_checkpointing": config.gradient_checkpointing,
         "config": {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()},
     }
-

@@ -58,7 +58,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -67,13 +67,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         coef: torch.Tensor,
         rows: int,
     ) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start : start + rows]  # (n, H)
             y = labels[start : start + rows, None]  # (n, 1)
-            c = coef[start : start + rows, None].float()  # (n, 1)
-            logits = F.linear(h, weight, bias).float()  # (n, V)
+            c = coef[start : start + rows, None].to(acc)  # (n, 1)
+            logits = F.linear(h, weight, bias).to(acc)  # (n, V)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
             total += (c * (lse - logits.gather(1, y))).sum()
             if grad_hidden is not None:
@@ -86,7 +87,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad_hidden,) = ctx.saved_tensors
         grad = None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype)
         return grad, None, None, None, None, None
@@ -107,7 +108,7 @@ def weighted_token_loss(
             raise ValueError("a trainable head bias needs the plain path")
         rows = chunk_rows(weight.shape[0])
         out = ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, coef, rows)
-        return out  # type: ignore[no-any-return]
+        return out
     logits = head(hidden).float()  # (N, V)
     losses = F.cross_entropy(logits, labels, reduction="none")
     return (coef.float() * losses).sum()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
 from gift_merge.dtypes import parse_dtype
 from gift_merge.errors import GiftMergeError
@@ -71,12 +72,19 @@ def load_tokenizer(reference: str) -> tuple[PreTrainedTokenizerBase, Path]:
     return tokenizer, folder
 
 
-def load_model(folder: Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+def load_model(folder: Path, dtype: torch.dtype, device: torch.device, *, quiet: bool = False) -> PreTrainedModel:
+    bars = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise GiftMergeError(f"{folder}: cannot load as a causal LM ({str(exc).splitlines()[0]})") from exc
-    return model.to(device)  # type: ignore[no-any-return]
+    finally:
+        if quiet and bars:
+            hf_logging.enable_progress_bar()
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() too narrowly
+    return model
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -128,6 +136,15 @@ def lora_targets(model: nn.Module, requested: tuple[str, ...] | None) -> tuple[l
             )
     conv = any(isinstance(m, Conv1D) for n in names for m in leaves.get(n, []))
     return names, conv
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer in the backward; non-reentrant, so frozen inputs need no grad hack."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @dataclass

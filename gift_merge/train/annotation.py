@@ -67,7 +67,7 @@ def annotate(config: AnnotateConfig, *, quiet: bool = False) -> Path:
     if done == len(rows) and out.exists():
         log.info("%s: already holds all %d rows", out, done)
         return out
-    model = load_model(folder, dtype, device).eval()
+    model = load_model(folder, dtype, device, quiet=quiet).eval()
     split = split_head(model)
     pad = pad_id(tokenizer)
     window = config.batch_size * WINDOW_BATCHES
@@ -126,7 +126,8 @@ def score_batch(
     width = max(len(ids) for ids, _ in spans)
     input_ids = torch.full((len(spans), width), pad, dtype=torch.long)
     mask = torch.zeros((len(spans), width), dtype=torch.long)
-    rows, positions = [], []
+    rows: list[int] = []
+    positions: list[int] = []
     for b, (ids, start) in enumerate(spans):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         mask[b, : len(ids)] = 1
