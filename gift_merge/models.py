@@ -123,7 +123,9 @@ class ModelResolver:
         if not trained_on:
             return
         config_arch = (base.config.get("architectures") or [None])[0]
-        if _family(trained_on) != _family(base.label) and _looks_like_hub_id(base.label):
+        # only Hub ids say what a model is; local folder names ("base", "instruct") say nothing
+        hub_ids = _looks_like_hub_id(base.label) and _looks_like_hub_id(trained_on)
+        if hub_ids and _family(trained_on) != _family(base.label):
             self.warnings.append(
                 f"adapter {adapter.label} was trained on {trained_on}; applying it to {base.label}"
                 + (f" ({config_arch})" if config_arch else "")
