@@ -2,8 +2,9 @@
 
 Jobs run on a small thread pool. torch and safetensors release the GIL while they copy and compute,
 so one job's reads overlap another's arithmetic, and the writer puts each finished tensor at its
-planned offset whatever order jobs finish in. At most ``workers + 1`` jobs are in flight, which is what
-bounds memory. Results do not depend on the order: operators are pure and random ones draw from a
+planned offset whatever order jobs finish in. At most ``workers + 1`` jobs are in flight, and fewer when
+their estimated working sets would exceed ``memory_budget`` (a job larger than the budget runs alone),
+which is what bounds memory. Results do not depend on the order: operators are pure and random ones draw from a
 generator seeded by (seed, tensor name).
 """
 
@@ -73,6 +74,19 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
     return op.apply(inputs).to(dtype=job.out_dtype).to("cpu").contiguous()
 
 
+DEFAULT_MEMORY_BUDGET = 1 << 30
+_TEMPORARIES = 6  # fp32 tensor-sized temporaries an operator holds besides its inputs (TIES: deltas, masks, sums)
+
+
+def working_set(job: TensorJob) -> int:
+    """Rough peak bytes of one job: its inputs and temporaries in the math dtype."""
+    numel = 1
+    for d in job.shape:
+        numel *= d
+    inputs = len(job.inputs) + (job.base is not None)
+    return numel * job.math_dtype.itemsize * (inputs + _TEMPORARIES)
+
+
 def default_workers() -> int:
     """One job per core (at least two, so reading overlaps computing), at most eight."""
     return max(2, min(8, os.cpu_count() or 1))
@@ -98,6 +112,7 @@ def execute_plan(
     seed: int = 0,
     quiet: bool = False,
     workers: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     label: str = "merge",
 ) -> ShardedWriter:
     """Write the plan's tensors into ``folder`` (a temporary folder the caller renames on success)."""
@@ -109,10 +124,12 @@ def execute_plan(
                disable=True if quiet else None, dynamic_ncols=True)  # fmt: skip
     pending: deque[tuple[TensorJob, Future[torch.Tensor]]] = deque()
     done = 0
+    in_flight = 0
 
     def finish(job: TensorJob, future: Future[torch.Tensor]) -> None:
-        nonlocal done
+        nonlocal done, in_flight
         writer.write(job.name, future.result())
+        in_flight -= working_set(job)
         done += 1
         bar.update(job.nbytes)
         bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
@@ -121,9 +138,11 @@ def execute_plan(
     try:
         with _intra_op_threads(threads), ThreadPoolExecutor(workers, thread_name_prefix="gift-merge") as pool:
             for job in plan.jobs:
-                pending.append((job, pool.submit(compute_job, job, readers, dev, seed)))
-                if len(pending) > workers:
+                cost = working_set(job)
+                while pending and (len(pending) > workers or in_flight + cost > memory_budget):
                     finish(*pending.popleft())
+                pending.append((job, pool.submit(compute_job, job, readers, dev, seed)))
+                in_flight += cost
             while pending:
                 finish(*pending.popleft())
         writer.close()

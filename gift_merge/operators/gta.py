@@ -28,6 +28,8 @@ from .kernels import consensus_sum, task_vectors
 Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, torch.Generator | None], torch.Tensor]
 """(δ_i, model i's params, rescale, generator) → pruned δ_i. Called once per model, in input order."""
 
+CHUNK = 1 << 18  # entries per chunk of the elementwise stage: 1 MB of fp32, cache-resident
+
 LAMBDA = Param("lambda", 1.0, doc="Scale of the merged delta.", check=finite("lambda"))
 
 
@@ -51,24 +53,37 @@ def gta_merge(inputs: MergeInputs, sparsify: Sparsifier | None, consensus: bool)
         raise ValueError("generalized task arithmetic needs a base tensor")
     params = inputs.params
     rescale = bool(params["rescale"])
-    deltas = task_vectors(inputs.tensors, base)
-    if sparsify is not None:
-        deltas = [sparsify(d, mp, rescale, inputs.generator) for d, mp in zip(deltas, inputs.model_params, strict=True)]
     weights = [float(mp["weight"]) for mp in inputs.model_params]
-    # the task vectors are this function's own temporaries: weight, sum and scale them in place
-    weighted = [d.mul_(w) for d, w in zip(deltas, weights, strict=True)]
-    del deltas
-
-    divisor: torch.Tensor | float
-    if consensus:
-        mixed, divisor = consensus_sum(weighted, weights)
-    else:
-        mixed = weighted[0]
-        for d in weighted[1:]:
-            mixed.add_(d)
-        total = sum(weights)
-        divisor = total if abs(total) >= 1e-8 else 1.0
-
-    if params["normalize"]:
-        mixed.div_(divisor)
-    return mixed.mul_(float(params["lambda"])).add_(base)
+    # Sparsifiers rank or rescale over the whole tensor, so they get whole task vectors; without one the
+    # task vectors are formed chunk by chunk below and never exist whole.
+    deltas: list[torch.Tensor] | None = None
+    if sparsify is not None:
+        deltas = [
+            sparsify(d, mp, rescale, inputs.generator)
+            for d, mp in zip(task_vectors(inputs.tensors, base), inputs.model_params, strict=True)
+        ]
+    normalize, lam = bool(params["normalize"]), float(params["lambda"])
+    total = sum(weights)
+    flat_base = base.reshape(-1)
+    flat_inputs = [t.reshape(-1) for t in (deltas if deltas is not None else inputs.tensors)]
+    out = torch.empty_like(flat_base)
+    # Everything after sparsification is elementwise: run it on cache-sized chunks, which keeps the
+    # temporaries (weighted deltas, sign sums, divisors) small and in cache. Same arithmetic per element.
+    for start in range(0, flat_base.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        if deltas is None:
+            weighted = [(t[part] - flat_base[part]).mul_(w) for t, w in zip(flat_inputs, weights, strict=True)]
+        else:
+            weighted = [t[part] * w for t, w in zip(flat_inputs, weights, strict=True)]
+        divisor: torch.Tensor | float
+        if consensus:
+            mixed, divisor = consensus_sum(weighted, weights)
+        else:
+            mixed = weighted[0]
+            for d in weighted[1:]:
+                mixed.add_(d)
+            divisor = total if abs(total) >= 1e-8 else 1.0
+        if normalize:
+            mixed.div_(divisor)
+        torch.add(flat_base[part], mixed.mul_(lam), out=out[part])
+    return out.view(base.shape)

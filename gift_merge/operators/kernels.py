@@ -186,9 +186,19 @@ def bernoulli_mask(probs: torch.Tensor, generator: torch.Generator | None) -> to
 
 
 def masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """m ⊙ δ, optionally L1-rescaled by :func:`l1_rescale`."""
-    kept = delta * mask  # one fused pass; a dropped entry becomes ±0, which never counts as a sign
-    return l1_rescale(delta, kept) if rescale else kept
+    """m ⊙ δ, optionally L1-rescaled as :func:`l1_rescale` does, computed *in place*: ``delta`` is consumed.
+
+    Sparsifiers own their task vectors, so masking them in place saves a tensor-sized copy per model.
+    A dropped entry becomes ±0, which never counts as a sign.
+    """
+    before = float(delta.abs().sum()) if rescale else 0.0
+    kept = delta.mul_(mask)
+    if not rescale:
+        return kept
+    after = float(kept.abs().sum())
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept
+    return kept.mul_(before / after)
 
 
 def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
