@@ -214,9 +214,17 @@ def test_unrelated_base_warns(tmp_path: Path, families: dict[str, dict[str, Path
     base = resolver.resolve(
         __import__("gift_merge.recipe", fromlist=["ModelRef"]).ModelRef(str(families["llama"]["instruct"]))
     )
-    base.label = "org/Unrelated-7B-Instruct"
-    resolver._warn_if_unrelated(AdapterReader(adapters["plain"]), base)
-    assert resolver.warnings and "was trained on" in resolver.warnings[0]
+    adapter = AdapterReader(adapters["plain"])
+    resolver._warn_if_unrelated(adapter, base)
+    assert not resolver.warnings  # local folder names say nothing about what a model is
+    adapter.config["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"
+    base.label = "Qwen/Qwen2.5-7B-Instruct"
+    resolver._warn_if_unrelated(adapter, base)
+    assert resolver.warnings and "was trained on meta-llama/Llama-3.1-8B" in resolver.warnings[0]
+    resolver.warnings.clear()
+    base.label = "meta-llama/Llama-3.1-8B-Instruct"
+    resolver._warn_if_unrelated(adapter, base)
+    assert not resolver.warnings
 
 
 def test_pickled_adapter_only_with_opt_in(tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path]) -> None:
