@@ -40,6 +40,6 @@ def reuse_large_buffers() -> bool:
     try:
         libc = ctypes.CDLL(name)
         ok = libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MAX_MMAP_THRESHOLD) == 1
-        return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1)
+        return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20) == 1)
     except (OSError, AttributeError):
         return False

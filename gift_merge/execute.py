@@ -23,7 +23,7 @@ from tqdm import tqdm
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.io.writer import OutputTensor, ShardedWriter
 from gift_merge.operators import get_operator
-from gift_merge.operators.base import MergeInputs, generator_for
+from gift_merge.operators.base import MergeInputs, Operator, generator_for
 from gift_merge.plan import MergePlan, TensorJob, TensorSource
 
 
@@ -43,19 +43,60 @@ class _Readers:
             # an additive delta needs only the adapter's factors, not the weight it lands on
             like = torch.empty(0, device=device, dtype=job.math_dtype)
             return model.adapter.delta(patch, like)
-        tensor = self._readers[model.folder].read(src.name)
-        if job.rows is not None and tensor.shape[0] > job.rows:
-            tensor = tensor[: job.rows]
+        tensor = self.raw(src, job)
         if job.copy:
             return tensor
-        if job.load_dtype is not None:
-            tensor = tensor.to(job.load_dtype)  # mergekit's `dtype`: inputs are rounded to it on load
-        math_dtype = torch.float64 if tensor.dtype == torch.float64 else job.math_dtype
-        # fp32 at least: bf16 subtraction cancels the small deltas fine-tuning leaves
-        tensor = tensor.to(device=device, dtype=math_dtype)
+        tensor = to_math(tensor, job, device)
         if patch is None or model.adapter is None:
             return tensor
         return model.adapter.delta(patch, tensor) if src.delta else model.adapter.patched(patch, tensor)
+
+    def raw(self, src: TensorSource, job: TensorJob) -> torch.Tensor:
+        """The stored tensor as read (its own dtype, on the CPU), trimmed to the planned rows."""
+        tensor = self._readers[self.models[src.model].folder].read(src.name)
+        if job.rows is not None and tensor.shape[0] > job.rows:
+            tensor = tensor[: job.rows]
+        return tensor
+
+    def patched(self, job: TensorJob) -> bool:
+        return any(src.name in self.models[src.model].patches for src in (*job.inputs, job.base) if src is not None)
+
+
+def to_math(tensor: torch.Tensor, job: TensorJob, device: torch.device) -> torch.Tensor:
+    """Round to the recipe's ``dtype`` as mergekit does on load, then widen to the math dtype (fp32 at least:
+    bf16 subtraction cancels the small deltas fine-tuning leaves)."""
+    if job.load_dtype is not None:
+        tensor = tensor.to(job.load_dtype)
+    math_dtype = torch.float64 if tensor.dtype == torch.float64 else job.math_dtype
+    return tensor.to(device=device, dtype=math_dtype)
+
+
+ELEMENTWISE_CHUNK = 1 << 19  # entries: 2 MB per fp32 input, cache-resident
+_CHUNK_FROM = 1 << 22  # smaller tensors gain nothing from chunking
+
+
+def _compute_elementwise(op: Operator, job: TensorJob, readers: _Readers, device: torch.device) -> torch.Tensor:
+    """An elementwise operator over matching slices of its inputs, slice by slice.
+
+    Inputs stay in their stored dtype (memory-mapped where the reader allows) and only one chunk of each
+    is widened to fp32 at a time, so a 32k-vocabulary embedding costs its output buffer plus a few MB
+    instead of several fp32 copies; and the arithmetic runs in cache. Same operations per entry as the
+    whole-tensor call, so the same bits.
+    """
+    raws = [readers.raw(s, job).reshape(-1) for s in job.inputs]
+    base = readers.raw(job.base, job).reshape(-1) if job.base else None
+    out = torch.empty(raws[0].numel() if raws else base.numel(), dtype=job.out_dtype)  # type: ignore[union-attr]
+    for start in range(0, out.numel(), ELEMENTWISE_CHUNK):
+        part = slice(start, start + ELEMENTWISE_CHUNK)
+        inputs = MergeInputs(
+            tensors=[to_math(t[part], job, device) for t in raws],
+            base=to_math(base[part], job, device) if base is not None else None,
+            model_params=job.model_params,
+            params=job.params,
+            tensor_name=job.name,
+        )
+        out[part] = op.apply(inputs).to(dtype=job.out_dtype).to("cpu")
+    return out.view(job.shape)
 
 
 def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: int) -> torch.Tensor:
@@ -63,6 +104,11 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
     if job.copy:
         return readers.load(job.inputs[0], job, device).contiguous()
     op = get_operator(job.operator)
+    numel = 1
+    for d in job.shape:
+        numel *= d
+    if op.elementwise and not op.random and numel >= _CHUNK_FROM and not readers.patched(job):
+        return _compute_elementwise(op, job, readers, device)
     inputs = MergeInputs(
         tensors=[readers.load(s, job, device) for s in job.inputs],
         base=readers.load(job.base, job, device) if job.base else None,
@@ -79,10 +125,13 @@ _TEMPORARIES = 6  # fp32 tensor-sized temporaries an operator holds besides its 
 
 
 def working_set(job: TensorJob) -> int:
-    """Rough peak bytes of one job: its inputs and temporaries in the math dtype."""
+    """Rough peak bytes of one job: its inputs and temporaries in the math dtype (chunked jobs: the output)."""
     numel = 1
     for d in job.shape:
         numel *= d
+    op = get_operator(job.operator) if not job.copy else None
+    if op is not None and op.elementwise and numel >= _CHUNK_FROM:
+        return numel * job.out_dtype.itemsize
     inputs = len(job.inputs) + (job.base is not None)
     return numel * job.math_dtype.itemsize * (inputs + _TEMPORARIES)
 

@@ -77,6 +77,8 @@ class Operator:
     by (seed, tensor name). ``check`` validates the combination of resolved parameters for one tensor
     and returns an error message or ``None``. ``deltas`` operators receive each input's change to the
     base (an adapter's exact ΔW) instead of a full tensor, so nothing is lost to ``(θ_b + ΔW) − θ_b``.
+    ``elementwise`` operators compute each entry from the same entry of the inputs, with no statistic over
+    the whole tensor, so the executor may hand them matching slices of a large tensor one at a time.
     """
 
     name: str
@@ -90,6 +92,7 @@ class Operator:
     paper: str = ""
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
     deltas: bool = False
+    elementwise: bool = False
 
     @property
     def global_params(self) -> tuple[Param, ...]:

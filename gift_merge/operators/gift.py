@@ -37,5 +37,6 @@ GIFT = Operator(
     deltas=True,
     summary="θ_base + Σ λ·ΔW: transfer LoRA adapters (GIFT, LoRA transfer) into base_model",
     paper="https://arxiv.org/abs/2605.01256",
+    elementwise=True,
 )
 LORA_TRANSFER = replace(GIFT, name="lora_transfer", summary="alias of gift")

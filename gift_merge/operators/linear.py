@@ -51,4 +51,5 @@ LINEAR = Operator(
     summary="Weighted average of the inputs.",
     paper="https://arxiv.org/abs/2203.05482",
     check=check_linear,
+    elementwise=True,
 )

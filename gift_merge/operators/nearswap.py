@@ -41,4 +41,5 @@ NEARSWAP = Operator(
     max_models=1,
     summary="Move the base towards the other model only where the two are close.",
     paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    elementwise=True,
 )

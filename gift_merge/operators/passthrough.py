@@ -28,4 +28,5 @@ PASSTHROUGH = Operator(
     min_models=1,
     max_models=1,
     summary="Copy one model's tensor, optionally scaled.",
+    elementwise=True,
 )

@@ -38,4 +38,5 @@ TASK_ARITHMETIC = Operator(
     base="required",
     summary="Base plus the weighted sum of task vectors.",
     paper="https://arxiv.org/abs/2212.04089",
+    elementwise=True,
 )
