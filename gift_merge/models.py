@@ -79,18 +79,19 @@ class ModelResolver:
         label = str(ref)
         if ref.adapter:
             base = self.resolve(ref.model_only)
-            folder = locate(ref.adapter, ref.adapter_revision, relative_to=self.recipe_folder)
-            return self._with_adapter(label, base, folder, adapter_only=False)
-        if ref.stage is None and (folder := self._local_adapter(ref)) is not None:
+            adapter_folder = locate(ref.adapter, ref.adapter_revision, relative_to=self.recipe_folder)
+            return self._with_adapter(label, base, adapter_folder, adapter_only=False)
+        local_adapter = self._local_adapter(ref) if ref.stage is None else None
+        if local_adapter is not None:
             if receiver is None:
                 raise GiftMergeError(f"model {label}: an adapter stands as a model only in a recipe with a base_model")
-            return self._with_adapter(label, receiver, folder, adapter_only=True)
+            return self._with_adapter(label, receiver, local_adapter, adapter_only=True)
         if label in self._cache:
             return self._cache[label]
         if ref.stage is not None:
-            folder = self.stage_folders.get(ref.stage)
-            if folder is not None and (folder / "config.json").is_file():
-                info = model_info_from_folder(folder, label)
+            stage_folder = self.stage_folders.get(ref.stage)
+            if stage_folder is not None and (stage_folder / "config.json").is_file():
+                info = model_info_from_folder(stage_folder, label)
             elif ref.stage in self.virtual:
                 info = self.virtual[ref.stage]
             else:

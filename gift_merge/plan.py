@@ -109,7 +109,7 @@ def plan_stage(stage: MergeStage, resolver: ModelResolver) -> MergePlan:
     planner = _Planner(stage, op, models, slices)
     jobs = planner.jobs()
     tokenizer = info(stage.tokenizer_source).label if stage.tokenizer_source else reference
-    config = _output_config(models, reference, slices, jobs, stage)
+    config = _output_config(models, reference, slices, jobs)
     return MergePlan(stage, op, jobs, models, reference, tokenizer, config, [*resolver.warnings, *planner.warnings])
 
 
@@ -163,7 +163,6 @@ class _Planner:
         self.load_dtype = parse_dtype(stage.dtype, "dtype") if stage.dtype else None
         self.out_dtype = parse_dtype(stage.out_dtype, "out_dtype") if stage.out_dtype else self.load_dtype
         self.warnings: list[str] = []
-        self.layer_origin: list[tuple[str, int]] = []  # per output layer: (model, source layer)
 
     def jobs(self) -> list[TensorJob]:
         first, last = self.slices[0], self.slices[-1]
@@ -175,7 +174,6 @@ class _Planner:
             out_layout = self.models[self.slices[0].primary.label].layout
             for k in range(sl.length):
                 t = k / (sl.length - 1) if sl.length > 1 else 1.0
-                self.layer_origin.append((sl.primary.label, sl.primary.start + k))
                 for suffix in self._layer_suffixes(primary, sl.primary.start + k):
                     sources = {s.label: self.models[s.label].layout.name(s.start + k, suffix) for s in sl.sources}
                     jobs.append(self._job(out_layout.name(offset + k, suffix), sl, sources, t))
@@ -309,7 +307,6 @@ def _output_config(
     reference: str,
     slices: list[_Slice],
     jobs: list[TensorJob],
-    stage: MergeStage,
 ) -> dict[str, Any]:
     """The reference model's config with the layer count and every per-layer list rebuilt for slices.
 

@@ -340,5 +340,5 @@ def build_adapter(
             for _, param in peft_model.named_parameters():
                 if param.requires_grad:
                     param.copy_(torch.randn(param.shape, generator=gen) * scale)
-        peft_model.save_pretrained(out_dir)
+        peft_model.save_pretrained(str(out_dir))
     return Path(out_dir)

@@ -227,7 +227,9 @@ def test_unrelated_base_warns(tmp_path: Path, families: dict[str, dict[str, Path
     assert not resolver.warnings
 
 
-def test_pickled_adapter_only_with_opt_in(tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path]) -> None:
+def test_pickled_adapter_only_with_opt_in(
+    tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path]
+) -> None:
     from safetensors.torch import load_file
 
     instruct = families["llama"]["instruct"]
@@ -244,6 +246,8 @@ def test_pickled_adapter_only_with_opt_in(tmp_path: Path, families: dict[str, di
     result = CliRunner().invoke(main, args, env={"GIFT_MERGE_ALLOW_PICKLE": ""})
     assert "GIFT_MERGE_ALLOW_PICKLE" not in __import__("os").environ
     assert result.exit_code == 0, result.output
-    safe = ref.load_all(run(tmp_path / "safe", f"merge_method: gift\nbase_model: {instruct}\nmodels:\n  - model: {adapters['plain']}\n"))
+    safe = ref.load_all(
+        run(tmp_path / "safe", f"merge_method: gift\nbase_model: {instruct}\nmodels:\n  - model: {adapters['plain']}\n")
+    )
     for name, tensor in ref.load_all(tmp_path / "out").items():
         assert torch.equal(tensor, safe[name]), name
