@@ -57,3 +57,16 @@ def test_chunked_task_arithmetic_stage_is_bit_identical(
         assert result.exit_code == 0, result.output
         outputs[label] = digest(tmp_path / label)
     assert outputs["whole"] == outputs["chunked"]
+
+
+def test_della_ranks_blockwise_are_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from gift_merge.operators import kernels
+
+    delta = torch.randn(37, 53, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float()  # ties too
+    whole = kernels.della_keep_probabilities(delta, 0.5, 0.1)
+    monkeypatch.setattr(kernels, "DELLA_BLOCK", 100)  # one row per block (53 entries each)
+    assert torch.equal(kernels.della_keep_probabilities(delta, 0.5, 0.1), whole)
+    monkeypatch.setattr(kernels, "DELLA_BLOCK", 500)  # nine rows per block, last block short
+    assert torch.equal(kernels.della_keep_probabilities(delta, 0.5, 0.1), whole)

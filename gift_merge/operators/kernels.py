@@ -156,6 +156,9 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1, tensor.shape[-1])
 
 
+DELLA_BLOCK = 1 << 18  # entries ranked at once by della_keep_probabilities
+
+
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA MagPrune: p = (ρ − ε) + 2ε·r̃, with r̃ ∈ [0, 1] the |δ| rank within its row.
 
@@ -163,17 +166,22 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     (stable: equal magnitudes rank by index), r̃ = rank/(n − 1). A one-element row, where mergekit's
     (rank − min)/(max − min) is 0/0, gets r̃ = ½, i.e. p = ρ.
     """
-    rows = _rows(delta).abs()  # (R, n)
+    rows = _rows(delta)  # (R, n)
     n = rows.shape[1]
-    order = torch.argsort(rows, dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    positions = torch.arange(n, device=rows.device).expand_as(order)
-    ranks.scatter_(1, order, positions)
-    if n > 1:
+    probs = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    if n == 1:  # mergekit's (rank − min)/(max − min) is 0/0 here; r̃ = ½ gives p = ρ
+        half = torch.full(rows.shape, 0.5, dtype=torch.float32, device=rows.device)
+        return ((density - epsilon) + half * (2 * epsilon)).reshape(delta.shape)
+    # Rows are independent: rank a block of rows at a time, so the int64 sort indices and ranks exist for
+    # one block (a few MB), not for the whole tensor (8 bytes per entry, twice).
+    block = max(1, DELLA_BLOCK // n)
+    positions = torch.arange(n, device=rows.device)
+    for start in range(0, rows.shape[0], block):
+        magnitudes = rows[start : start + block].abs()
+        order = torch.argsort(magnitudes, dim=1, stable=True)
+        ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
         rank_norm = ranks.to(torch.float32) / (n - 1)
-    else:
-        rank_norm = torch.full(rows.shape, 0.5, dtype=torch.float32, device=rows.device)
-    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+        probs[start : start + block] = (density - epsilon) + rank_norm * (2 * epsilon)
     return probs.reshape(delta.shape)
 
 
