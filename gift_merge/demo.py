@@ -42,14 +42,19 @@ def main(root: Path | None = None) -> int:
         [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=False
     )
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    reply = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :])
+    generated = model.generate(ids, max_new_tokens=8, do_sample=False, suppress_tokens=tokenizer.all_special_ids)
+    reply = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
     print(f"\nmerged model: {out}")
     print(f"  recipe: {recipe_path}   inputs: {models}")
     print(f"  a random tiny model's reply (gibberish is expected): {reply!r}")
     print("\nload it like any transformers model:")
     print("  from transformers import AutoModelForCausalLM")
     print(f"  model = AutoModelForCausalLM.from_pretrained({str(out)!r})")
-    print("\nnext: gift-merge plan recipes/quickstart.yaml   # every output tensor and its inputs")
+    print("\nnext:")
+    print("  gift-merge plan recipes/quickstart.yaml        # every output tensor, its inputs and parameters")
+    print(
+        "  gift-merge run recipes/gift-transfer.yaml      # add a LoRA adapter to the instruct model (GIFT's last step)"
+    )
     return 0
 
 

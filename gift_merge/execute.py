@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gift_merge.io.adapter import AdapterReader, Patch
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.io.writer import OutputTensor, ShardedWriter
 from gift_merge.operators import get_operator
@@ -58,8 +59,25 @@ class _Readers:
             tensor = tensor[: job.rows]
         return tensor
 
-    def patched(self, job: TensorJob) -> bool:
-        return any(src.name in self.models[src.model].patches for src in (*job.inputs, job.base) if src is not None)
+    def patch_for(self, src: TensorSource) -> tuple[AdapterReader, Patch] | None:
+        model = self.models[src.model]
+        patch = model.patches.get(src.name)
+        return (model.adapter, patch) if patch is not None and model.adapter is not None else None
+
+    def streamable(self, job: TensorJob) -> bool:
+        """Whether every adapter patch on the job's inputs can be computed a block of rows at a time."""
+        sources = [s for s in (*job.inputs, job.base) if s is not None]
+        return all(found is None or found[1].additive for found in map(self.patch_for, sources))
+
+    def rows(self, src: TensorSource, job: TensorJob, rows: slice, device: torch.device) -> torch.Tensor:
+        """Rows of an input, widened to the math dtype, with its (additive) adapter patch applied."""
+        found = self.patch_for(src)
+        like = torch.empty(0, device=device, dtype=job.math_dtype)
+        if src.delta:
+            assert found is not None  # the planner keeps only patched delta inputs
+            return found[0].delta_rows(found[1], rows, like)
+        tensor = to_math(self.raw(src, job)[rows], job, device)
+        return tensor if found is None else tensor + found[0].delta_rows(found[1], rows, like)
 
 
 def to_math(tensor: torch.Tensor, job: TensorJob, device: torch.device) -> torch.Tensor:
@@ -76,27 +94,28 @@ _CHUNK_FROM = 1 << 22  # smaller tensors gain nothing from chunking
 
 
 def _compute_elementwise(op: Operator, job: TensorJob, readers: _Readers, device: torch.device) -> torch.Tensor:
-    """An elementwise operator over matching slices of its inputs, slice by slice.
+    """An elementwise operator over matching blocks of rows of its inputs, block by block.
 
-    Inputs stay in their stored dtype (memory-mapped where the reader allows) and only one chunk of each
-    is widened to fp32 at a time, so a 32k-vocabulary embedding costs its output buffer plus a few MB
-    instead of several fp32 copies; and the arithmetic runs in cache. Same operations per entry as the
-    whole-tensor call, so the same bits.
+    Inputs stay in their stored dtype (memory-mapped where the reader allows) and only one block of each
+    is widened to fp32 at a time, with an adapter's ΔW formed for those rows only. A 32k-vocabulary
+    embedding then costs its output buffer plus a few MB instead of several fp32 copies, and the arithmetic
+    runs in cache. Same operations per entry as the whole-tensor call (for adapter deltas, up to the
+    summation order of the small B·A product).
     """
-    raws = [readers.raw(s, job).reshape(-1) for s in job.inputs]
-    base = readers.raw(job.base, job).reshape(-1) if job.base else None
-    out = torch.empty(raws[0].numel() if raws else base.numel(), dtype=job.out_dtype)  # type: ignore[union-attr]
-    for start in range(0, out.numel(), ELEMENTWISE_CHUNK):
-        part = slice(start, start + ELEMENTWISE_CHUNK)
+    out = torch.empty(job.shape, dtype=job.out_dtype)
+    row_numel = out[0].numel() if out.dim() > 0 else 1
+    block = max(1, ELEMENTWISE_CHUNK // max(row_numel, 1))
+    for start in range(0, out.shape[0] if out.dim() > 0 else 1, block):
+        rows = slice(start, start + block)
         inputs = MergeInputs(
-            tensors=[to_math(t[part], job, device) for t in raws],
-            base=to_math(base[part], job, device) if base is not None else None,
+            tensors=[readers.rows(s, job, rows, device) for s in job.inputs],
+            base=readers.rows(job.base, job, rows, device) if job.base else None,
             model_params=job.model_params,
             params=job.params,
             tensor_name=job.name,
         )
-        out[part] = op.apply(inputs).to(dtype=job.out_dtype).to("cpu")
-    return out.view(job.shape)
+        out[rows] = op.apply(inputs).to(dtype=job.out_dtype).to("cpu")
+    return out
 
 
 def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: int) -> torch.Tensor:
@@ -107,7 +126,7 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
     numel = 1
     for d in job.shape:
         numel *= d
-    if op.elementwise and not op.random and numel >= _CHUNK_FROM and not readers.patched(job):
+    if op.elementwise and not op.random and numel >= _CHUNK_FROM and len(job.shape) > 0 and readers.streamable(job):
         return _compute_elementwise(op, job, readers, device)
     inputs = MergeInputs(
         tensors=[readers.load(s, job, device) for s in job.inputs],

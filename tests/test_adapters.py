@@ -101,10 +101,21 @@ def adapters(families: dict[str, dict[str, Path]], tmp_path_factory: pytest.Temp
     }
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "row-blocks"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_transfer_equals_peft_merge_and_unload(
-    tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path], variant: str
+    tmp_path: Path,
+    families: dict[str, dict[str, Path]],
+    adapters: dict[str, Path],
+    variant: str,
+    streamed: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if streamed:  # force the executor's row-block path (taken for large tensors) onto the tiny ones
+        import gift_merge.execute as execute
+
+        monkeypatch.setattr(execute, "_CHUNK_FROM", 1)
+        monkeypatch.setattr(execute, "ELEMENTWISE_CHUNK", 200)
     arch = VARIANTS[variant][0]
     instruct = families[arch]["instruct"]
     expected = peft_merged(instruct, adapters[variant])

@@ -178,6 +178,23 @@ class AdapterReader:
             return product * patch.scale
         return self.read(patch.extra or "").to(device=weight.device, dtype=dtype) * patch.scale  # LoRA bias
 
+    def delta_rows(self, patch: Patch, rows: slice, like: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` of an additive patch's delta, in ``like``'s dtype and device.
+
+        Lets the executor stream a transfer block of rows by block of rows: only ``rows × in`` of ΔW
+        exists at a time, never the whole matrix.
+        """
+        if not patch.additive:
+            raise ValueError(f"module {patch.module}: only additive patches can be computed by rows")
+        device, dtype = like.device, like.dtype
+        if patch.kind == "bias":
+            return self.read(patch.extra or "")[rows].to(device=device, dtype=dtype) * patch.scale
+        a = self.read(patch.a or "").to(device=device, dtype=dtype)  # (r, in) or (r, vocab)
+        b = self.read(patch.b or "").to(device=device, dtype=dtype)  # (out, r) or (dim, r)
+        if patch.kind == "embedding" or patch.fan_in_fan_out:
+            return (b @ a[:, rows]).T * patch.scale  # stored (in, out): its rows are columns of B·A
+        return (b[rows] @ a) * patch.scale
+
     def patched(self, patch: Patch, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` after peft's ``merge_and_unload`` of this patch."""
         if patch.kind == "replace":
