@@ -24,7 +24,7 @@ from gift_merge.io.adapter import AdapterReader, Patch
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.io.writer import OutputTensor, ShardedWriter
 from gift_merge.operators import get_operator
-from gift_merge.operators.base import MergeInputs, Operator, generator_for
+from gift_merge.operators.base import MergeInputs, Operator, StreamInputs, generator_for
 from gift_merge.plan import MergePlan, TensorJob, TensorSource
 
 
@@ -128,6 +128,18 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
         numel *= d
     if op.elementwise and not op.random and numel >= _CHUNK_FROM and len(job.shape) > 0 and readers.streamable(job):
         return _compute_elementwise(op, job, readers, device)
+    patched = any(readers.patch_for(s) for s in (*job.inputs, job.base) if s is not None)
+    if op.stream is not None and job.base is not None and numel >= _CHUNK_FROM and not patched:
+        stream = StreamInputs(
+            tensors=[readers.raw(s, job).reshape(-1) for s in job.inputs],
+            base=readers.raw(job.base, job).reshape(-1),
+            widen=lambda t: to_math(t, job, device),
+            out_dtype=job.out_dtype,
+            model_params=job.model_params,
+            params=job.params,
+            tensor_name=job.name,
+        )
+        return op.stream(stream).view(job.shape)
     inputs = MergeInputs(
         tensors=[readers.load(s, job, device) for s in job.inputs],
         base=readers.load(job.base, job, device) if job.base else None,
@@ -151,6 +163,8 @@ def working_set(job: TensorJob) -> int:
     op = get_operator(job.operator) if not job.copy else None
     if op is not None and op.elementwise and numel >= _CHUNK_FROM:
         return numel * job.out_dtype.itemsize
+    if op is not None and op.stream is not None and numel >= _CHUNK_FROM:
+        return numel * (job.out_dtype.itemsize + 2 * job.math_dtype.itemsize)  # output, |δ| buffer, its selection copy
     inputs = len(job.inputs) + (job.base is not None)
     return numel * job.math_dtype.itemsize * (inputs + _TEMPORARIES)
 

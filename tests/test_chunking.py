@@ -70,3 +70,52 @@ def test_della_ranks_blockwise_are_identical(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(kernels.della_keep_probabilities(delta, 0.5, 0.1), whole)
     monkeypatch.setattr(kernels, "DELLA_BLOCK", 500)  # nine rows per block, last block short
     assert torch.equal(kernels.della_keep_probabilities(delta, 0.5, 0.1), whole)
+
+
+TIES_VARIANTS = {
+    "default": "{{weight: 0.6, density: 0.5}}",
+    "rescale": "{{weight: 0.6, density: 0.3}}\nparameters: {{rescale: true, normalize: false, lambda: 0.8}}",
+    "tiny-density": "{{weight: 0.6, density: 0.001}}",
+}
+
+
+@pytest.mark.parametrize("variant", list(TIES_VARIANTS))
+def test_streamed_ties_is_bit_identical(
+    tmp_path: Path, llama: dict[str, Path], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 inputs make many |δ| equal at the cut, so tie handling across slices is exercised too."""
+    import gift_merge.operators.gta as gta
+
+    first = TIES_VARIANTS[variant].split("\n")[0]
+    rest = "\n".join(TIES_VARIANTS[variant].split("\n")[1:])
+    text = (
+        "merge_method: ties\nbase_model: {base}\nmodels:\n"
+        f"  - {{{{model: {{math}}, parameters: {first}}}}}\n"
+        "  - {{model: {code}, parameters: {{weight: 0.5, density: 1.0}}}}\n"
+        f"dtype: bfloat16\n{rest}\n"
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text.format(**llama))
+    outputs = {}
+    for label, (start, chunk) in {"whole": (1 << 62, 1 << 18), "streamed": (1, 1000)}.items():
+        monkeypatch.setattr(execute, "_CHUNK_FROM", start)
+        monkeypatch.setattr(gta, "CHUNK", chunk)
+        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q"])
+        assert result.exit_code == 0, result.output
+        outputs[label] = digest(tmp_path / label)
+    assert outputs["whole"] == outputs["streamed"]
+
+
+def test_streamed_path_is_taken(tmp_path: Path, llama: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import gift_merge.operators.ties as ties
+
+    calls = []
+    real = ties.gta_stream_magnitude
+    monkeypatch.setattr(
+        ties, "gta_stream_magnitude", lambda stream, consensus: calls.append(1) or real(stream, consensus)
+    )
+    monkeypatch.setattr(execute, "_CHUNK_FROM", 1)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GTA.format(method="ties", **llama))
+    assert CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / "out"), "-q"]).exit_code == 0
+    assert len(calls) > 10

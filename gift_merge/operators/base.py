@@ -67,6 +67,24 @@ class MergeInputs:
 
 
 @dataclass(frozen=True)
+class StreamInputs:
+    """What a streaming operator gets: inputs still in their stored dtype, flattened, never widened whole.
+
+    ``widen`` turns a slice of any of them into the compute dtype on the compute device, exactly as the
+    executor would have converted the whole tensor, so a streaming implementation can match the whole-tensor
+    ``apply`` bit for bit while holding only slices in fp32.
+    """
+
+    tensors: Sequence[torch.Tensor]
+    base: torch.Tensor
+    widen: Callable[[torch.Tensor], torch.Tensor]
+    out_dtype: torch.dtype
+    model_params: Sequence[Mapping[str, Any]] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    tensor_name: str = ""
+
+
+@dataclass(frozen=True)
 class Operator:
     """A registered merge method.
 
@@ -79,6 +97,8 @@ class Operator:
     base (an adapter's exact ΔW) instead of a full tensor, so nothing is lost to ``(θ_b + ΔW) − θ_b``.
     ``elementwise`` operators compute each entry from the same entry of the inputs, with no statistic over
     the whole tensor, so the executor may hand them matching slices of a large tensor one at a time.
+    ``stream``, where given, computes the same result as ``apply`` from :class:`StreamInputs` for large
+    tensors, holding whole-tensor statistics but only slices of the inputs in the compute dtype.
     """
 
     name: str
@@ -93,6 +113,7 @@ class Operator:
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
     deltas: bool = False
     elementwise: bool = False
+    stream: Callable[[StreamInputs], torch.Tensor] | None = None
 
     @property
     def global_params(self) -> tuple[Param, ...]:

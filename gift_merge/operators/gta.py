@@ -16,14 +16,17 @@ sparsifier the variant uses). Task arithmetic: https://arxiv.org/abs/2212.04089
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from .base import MergeInputs, Param
+from .base import MergeInputs, Param, StreamInputs
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
-from .kernels import consensus_sum, task_vectors
+from .kernels import RESCALE_EPS, consensus_sum, kth_largest, task_vectors
 
 Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, torch.Generator | None], torch.Tensor]
 """(δ_i, model i's params, rescale, generator) → pruned δ_i. Called once per model, in input order."""
@@ -63,7 +66,6 @@ def gta_merge(inputs: MergeInputs, sparsify: Sparsifier | None, consensus: bool)
             for d, mp in zip(task_vectors(inputs.tensors, base), inputs.model_params, strict=True)
         ]
     normalize, lam = bool(params["normalize"]), float(params["lambda"])
-    total = sum(weights)
     flat_base = base.reshape(-1)
     flat_inputs = [t.reshape(-1) for t in (deltas if deltas is not None else inputs.tensors)]
     out = torch.empty_like(flat_base)
@@ -75,15 +77,100 @@ def gta_merge(inputs: MergeInputs, sparsify: Sparsifier | None, consensus: bool)
             weighted = [(t[part] - flat_base[part]).mul_(w) for t, w in zip(flat_inputs, weights, strict=True)]
         else:
             weighted = [t[part] * w for t, w in zip(flat_inputs, weights, strict=True)]
-        divisor: torch.Tensor | float
-        if consensus:
-            mixed, divisor = consensus_sum(weighted, weights)
-        else:
-            mixed = weighted[0]
-            for d in weighted[1:]:
-                mixed.add_(d)
-            divisor = total if abs(total) >= 1e-8 else 1.0
-        if normalize:
-            mixed.div_(divisor)
-        torch.add(flat_base[part], mixed.mul_(lam), out=out[part])
+        torch.add(flat_base[part], _mix(weighted, weights, consensus, normalize).mul_(lam), out=out[part])
     return out.view(base.shape)
+
+
+def _mix(weighted: list[torch.Tensor], weights: list[float], consensus: bool, normalize: bool) -> torch.Tensor:
+    """The (normalised) combination of one chunk's weighted deltas, without λ and the base."""
+    divisor: torch.Tensor | float
+    if consensus:
+        mixed, divisor = consensus_sum(weighted, weights)
+    else:
+        mixed = weighted[0]
+        for d in weighted[1:]:
+            mixed.add_(d)
+        total = sum(weights)
+        divisor = total if abs(total) >= 1e-8 else 1.0
+    if normalize:
+        mixed.div_(divisor)
+    return mixed
+
+
+@dataclass
+class _MagnitudeCut:
+    """Which entries a TIES trim keeps, known before any slice is masked: its k-th largest |δ|, how many
+    entries equal to it are still to keep (in index order), and the L1 rescale factor, if any."""
+
+    threshold: float
+    ties_left: int
+    factor: float | None
+
+    def apply(self, delta: torch.Tensor) -> torch.Tensor:
+        """Mask (and rescale) the next slice of δ in place; slices must come in index order."""
+        magnitude = delta.abs()
+        keep = magnitude > self.threshold
+        if self.ties_left > 0:
+            tied = np.flatnonzero((magnitude == self.threshold).cpu().numpy())[: self.ties_left]
+            keep[torch.from_numpy(tied).to(keep.device)] = True
+            self.ties_left -= len(tied)
+        delta.mul_(keep)
+        return delta.mul_(self.factor) if self.factor is not None else delta
+
+
+def _magnitude_cut(stream: StreamInputs, tensor: torch.Tensor, density: float, rescale: bool) -> _MagnitudeCut:
+    """Phase one of a streamed TIES trim: |δ| is built slice by slice into one buffer, the only whole-tensor
+    copy, and the same selection as :func:`kernels.magnitude_mask` is made on it."""
+    n = stream.base.numel()
+    k = int(density * n)
+    if k <= 0:
+        return _MagnitudeCut(math.inf, 0, None)
+    magnitude: torch.Tensor | None = None
+    for start in range(0, n, CHUNK):
+        part = slice(start, start + CHUNK)
+        d = stream.widen(tensor[part]) - stream.widen(stream.base[part])
+        if magnitude is None:
+            magnitude = torch.empty(n, dtype=d.dtype, device=d.device)
+        torch.abs(d, out=magnitude[part])
+    assert magnitude is not None
+    threshold = kth_largest(magnitude, k)
+    ties = k - int(torch.count_nonzero(magnitude > threshold))
+    factor = None
+    if rescale:
+        before = float(magnitude.sum())
+        keep = magnitude > threshold
+        tied = torch.nonzero(magnitude == threshold).squeeze(1)[:ties]
+        keep[tied] = True
+        after = float((magnitude * keep).sum())
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            factor = before / after
+    return _MagnitudeCut(float(threshold), ties, factor)
+
+
+def gta_stream_magnitude(stream: StreamInputs, consensus: bool) -> torch.Tensor:
+    """:func:`gta_merge` with the TIES magnitude trim, reading the inputs a slice at a time.
+
+    Phase one finds each model's cut on a buffer of |δ_i| (one tensor-sized fp32 buffer at a time);
+    phase two forms, trims, weights and mixes the task vectors slice by slice. Same selection, same
+    rescale factor and same per-entry arithmetic as the whole-tensor path, so the same bits, with the inputs
+    never widened whole.
+    """
+    params = stream.params
+    rescale = bool(params["rescale"])
+    weights = [float(mp["weight"]) for mp in stream.model_params]
+    cuts = [
+        _magnitude_cut(stream, t, float(mp["density"]), rescale) if float(mp["density"]) < 1 else None
+        for t, mp in zip(stream.tensors, stream.model_params, strict=True)
+    ]
+    normalize, lam = bool(params["normalize"]), float(params["lambda"])
+    n = stream.base.numel()
+    out = torch.empty(n, dtype=stream.out_dtype)
+    for start in range(0, n, CHUNK):
+        part = slice(start, start + CHUNK)
+        base = stream.widen(stream.base[part])
+        weighted = []
+        for t, cut, w in zip(stream.tensors, cuts, weights, strict=True):
+            d = stream.widen(t[part]) - base
+            weighted.append((cut.apply(d) if cut is not None else d).mul_(w))
+        out[part] = torch.add(base, _mix(weighted, weights, consensus, normalize).mul_(lam)).to(stream.out_dtype)
+    return out

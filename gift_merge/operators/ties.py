@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .base import MergeInputs, Operator
-from .gta import gta_merge, gta_params
+from .base import MergeInputs, Operator, StreamInputs
+from .gta import gta_merge, gta_params, gta_stream_magnitude
 from .kernels import magnitude_mask, masked
 
 
@@ -40,6 +40,10 @@ def ties_merge(inputs: MergeInputs) -> torch.Tensor:
     return gta_merge(inputs, sparsify=magnitude_trim, consensus=True)
 
 
+def ties_stream(stream: StreamInputs) -> torch.Tensor:
+    return gta_stream_magnitude(stream, consensus=True)
+
+
 TIES = Operator(
     name="ties",
     apply=ties_merge,
@@ -47,4 +51,5 @@ TIES = Operator(
     base="required",
     summary="Trim task vectors to their largest entries, elect a sign per entry, average the agreeing ones.",
     paper="https://arxiv.org/abs/2306.01708",
+    stream=ties_stream,
 )
