@@ -137,6 +137,7 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
             out_dtype=job.out_dtype,
             model_params=job.model_params,
             params=job.params,
+            generator=generator_for(seed, job.name) if op.random else None,
             tensor_name=job.name,
         )
         return op.stream(stream).view(job.shape)

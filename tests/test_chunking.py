@@ -79,9 +79,10 @@ TIES_VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
 @pytest.mark.parametrize("variant", list(TIES_VARIANTS))
-def test_streamed_ties_is_bit_identical(
-    tmp_path: Path, llama: dict[str, Path], variant: str, monkeypatch: pytest.MonkeyPatch
+def test_streamed_trims_are_bit_identical(
+    tmp_path: Path, llama: dict[str, Path], variant: str, method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bf16 inputs make many |δ| equal at the cut, so tie handling across slices is exercised too."""
     import gift_merge.operators.gta as gta
@@ -89,7 +90,7 @@ def test_streamed_ties_is_bit_identical(
     first = TIES_VARIANTS[variant].split("\n")[0]
     rest = "\n".join(TIES_VARIANTS[variant].split("\n")[1:])
     text = (
-        "merge_method: ties\nbase_model: {base}\nmodels:\n"
+        f"merge_method: {method}\nbase_model: {{base}}\nmodels:\n"
         f"  - {{{{model: {{math}}, parameters: {first}}}}}\n"
         "  - {{model: {code}, parameters: {{weight: 0.5, density: 1.0}}}}\n"
         f"dtype: bfloat16\n{rest}\n"
@@ -110,9 +111,9 @@ def test_streamed_path_is_taken(tmp_path: Path, llama: dict[str, Path], monkeypa
     import gift_merge.operators.ties as ties
 
     calls = []
-    real = ties.gta_stream_magnitude
+    real = ties.gta_stream
     monkeypatch.setattr(
-        ties, "gta_stream_magnitude", lambda stream, consensus: calls.append(1) or real(stream, consensus)
+        ties, "gta_stream", lambda stream, cut, consensus: calls.append(1) or real(stream, cut, consensus)
     )
     monkeypatch.setattr(execute, "_CHUNK_FROM", 1)
     recipe = tmp_path / "r.yaml"

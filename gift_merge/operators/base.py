@@ -81,6 +81,7 @@ class StreamInputs:
     out_dtype: torch.dtype
     model_params: Sequence[Mapping[str, Any]] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
+    generator: torch.Generator | None = None
     tensor_name: str = ""
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .base import MergeInputs, Operator
-from .gta import gta_merge, gta_params
+from .base import MergeInputs, Operator, StreamInputs
+from .gta import gta_merge, gta_params, gta_stream, random_cut
 from .kernels import masked, random_drop_mask
 
 PAPER = "https://arxiv.org/abs/2311.03099"
@@ -44,6 +44,14 @@ def dare_linear_merge(inputs: MergeInputs) -> torch.Tensor:
     return gta_merge(inputs, sparsify=random_drop, consensus=False)
 
 
+def dare_linear_stream(stream: StreamInputs) -> torch.Tensor:
+    return gta_stream(stream, random_cut, consensus=False)
+
+
+def dare_ties_stream(stream: StreamInputs) -> torch.Tensor:
+    return gta_stream(stream, random_cut, consensus=True)
+
+
 def dare_ties_merge(inputs: MergeInputs) -> torch.Tensor:
     return gta_merge(inputs, sparsify=random_drop, consensus=True)
 
@@ -56,6 +64,7 @@ DARE_LINEAR = Operator(
     random=True,
     summary="Randomly drop delta entries, rescale, then add the weighted task vectors.",
     paper=PAPER,
+    stream=dare_linear_stream,
 )
 
 DARE_TIES = Operator(
@@ -66,4 +75,5 @@ DARE_TIES = Operator(
     random=True,
     summary="Randomly drop delta entries, rescale, then TIES sign election and disjoint merge.",
     paper=PAPER,
+    stream=dare_ties_stream,
 )

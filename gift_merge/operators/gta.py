@@ -106,7 +106,7 @@ class _MagnitudeCut:
     ties_left: int
     factor: float | None
 
-    def apply(self, delta: torch.Tensor) -> torch.Tensor:
+    def apply(self, delta: torch.Tensor, part: slice) -> torch.Tensor:
         """Mask (and rescale) the next slice of δ in place; slices must come in index order."""
         magnitude = delta.abs()
         keep = magnitude > self.threshold
@@ -118,13 +118,25 @@ class _MagnitudeCut:
         return delta.mul_(self.factor) if self.factor is not None else delta
 
 
-def _magnitude_cut(stream: StreamInputs, tensor: torch.Tensor, density: float, rescale: bool) -> _MagnitudeCut:
-    """Phase one of a streamed TIES trim: |δ| is built slice by slice into one buffer, the only whole-tensor
-    copy, and the same selection as :func:`kernels.magnitude_mask` is made on it."""
+@dataclass
+class _KeepMask:
+    """A drawn keep mask (DARE) and its L1 rescale factor, if any."""
+
+    keep: torch.Tensor  # bool, flat
+    factor: float | None
+
+    def apply(self, delta: torch.Tensor, part: slice) -> torch.Tensor:
+        delta.mul_(self.keep[part])
+        return delta.mul_(self.factor) if self.factor is not None else delta
+
+
+Cut = _MagnitudeCut | _KeepMask
+CutBuilder = Callable[[StreamInputs, torch.Tensor, Mapping[str, Any], bool], "Cut | None"]
+
+
+def _magnitudes(stream: StreamInputs, tensor: torch.Tensor) -> torch.Tensor:
+    """|δ| of one input, built slice by slice into one buffer: the only whole-tensor copy a stream makes."""
     n = stream.base.numel()
-    k = int(density * n)
-    if k <= 0:
-        return _MagnitudeCut(math.inf, 0, None)
     magnitude: torch.Tensor | None = None
     for start in range(0, n, CHUNK):
         part = slice(start, start + CHUNK)
@@ -133,22 +145,57 @@ def _magnitude_cut(stream: StreamInputs, tensor: torch.Tensor, density: float, r
             magnitude = torch.empty(n, dtype=d.dtype, device=d.device)
         torch.abs(d, out=magnitude[part])
     assert magnitude is not None
+    return magnitude
+
+
+def _l1_factor(magnitude: torch.Tensor, keep: torch.Tensor) -> float | None:
+    """The factor :func:`kernels.masked` rescales by, from the same values summed the same way."""
+    before = float(magnitude.sum())
+    after = float((magnitude * keep).sum())
+    return before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else None
+
+
+def magnitude_cut(
+    stream: StreamInputs, tensor: torch.Tensor, model_params: Mapping[str, Any], rescale: bool
+) -> Cut | None:
+    """Phase one of a streamed TIES trim: the same selection as :func:`kernels.magnitude_mask`."""
+    density = float(model_params["density"])
+    if density >= 1:
+        return None
+    n = stream.base.numel()
+    k = int(density * n)
+    if k <= 0:
+        return _MagnitudeCut(math.inf, 0, None)
+    magnitude = _magnitudes(stream, tensor)
     threshold = kth_largest(magnitude, k)
     ties = k - int(torch.count_nonzero(magnitude > threshold))
     factor = None
     if rescale:
-        before = float(magnitude.sum())
         keep = magnitude > threshold
-        tied = torch.nonzero(magnitude == threshold).squeeze(1)[:ties]
-        keep[tied] = True
-        after = float((magnitude * keep).sum())
-        if before >= RESCALE_EPS and after >= RESCALE_EPS:
-            factor = before / after
+        keep[torch.nonzero(magnitude == threshold).squeeze(1)[:ties]] = True
+        factor = _l1_factor(magnitude, keep)
     return _MagnitudeCut(float(threshold), ties, factor)
 
 
-def gta_stream_magnitude(stream: StreamInputs, consensus: bool) -> torch.Tensor:
-    """:func:`gta_merge` with the TIES magnitude trim, reading the inputs a slice at a time.
+def random_cut(
+    stream: StreamInputs, tensor: torch.Tensor, model_params: Mapping[str, Any], rescale: bool
+) -> Cut | None:
+    """Phase one of a streamed DARE drop: the same draw as :func:`kernels.random_drop_mask` (consumed even
+    at ρ ≥ 1, in input order), kept as a bool mask."""
+    density = float(model_params["density"])
+    n = stream.base.numel()
+    if stream.generator is None:
+        raise ValueError("a random merge operator needs a generator")
+    keep = torch.rand(n, generator=stream.generator, dtype=torch.float32, device="cpu") < density
+    if density >= 1:
+        return None
+    magnitude = _magnitudes(stream, tensor) if rescale else None
+    keep = keep.to(magnitude.device if magnitude is not None else stream.base.device)
+    return _KeepMask(keep, _l1_factor(magnitude, keep) if magnitude is not None else None)
+
+
+def gta_stream(stream: StreamInputs, cut: CutBuilder, consensus: bool) -> torch.Tensor:
+    """:func:`gta_merge` with a trim (TIES magnitude or DARE drop), reading the inputs a slice at a time.
 
     Phase one finds each model's cut on a buffer of |δ_i| (one tensor-sized fp32 buffer at a time);
     phase two forms, trims, weights and mixes the task vectors slice by slice. Same selection, same
@@ -158,10 +205,7 @@ def gta_stream_magnitude(stream: StreamInputs, consensus: bool) -> torch.Tensor:
     params = stream.params
     rescale = bool(params["rescale"])
     weights = [float(mp["weight"]) for mp in stream.model_params]
-    cuts = [
-        _magnitude_cut(stream, t, float(mp["density"]), rescale) if float(mp["density"]) < 1 else None
-        for t, mp in zip(stream.tensors, stream.model_params, strict=True)
-    ]
+    cuts = [cut(stream, t, mp, rescale) for t, mp in zip(stream.tensors, stream.model_params, strict=True)]
     normalize, lam = bool(params["normalize"]), float(params["lambda"])
     n = stream.base.numel()
     out = torch.empty(n, dtype=stream.out_dtype)
@@ -169,8 +213,8 @@ def gta_stream_magnitude(stream: StreamInputs, consensus: bool) -> torch.Tensor:
         part = slice(start, start + CHUNK)
         base = stream.widen(stream.base[part])
         weighted = []
-        for t, cut, w in zip(stream.tensors, cuts, weights, strict=True):
+        for t, trim, w in zip(stream.tensors, cuts, weights, strict=True):
             d = stream.widen(t[part]) - base
-            weighted.append((cut.apply(d) if cut is not None else d).mul_(w))
+            weighted.append((trim.apply(d, part) if trim is not None else d).mul_(w))
         out[part] = torch.add(base, _mix(weighted, weights, consensus, normalize).mul_(lam)).to(stream.out_dtype)
     return out

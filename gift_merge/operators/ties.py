@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .base import MergeInputs, Operator, StreamInputs
-from .gta import gta_merge, gta_params, gta_stream_magnitude
+from .gta import gta_merge, gta_params, gta_stream, magnitude_cut
 from .kernels import magnitude_mask, masked
 
 
@@ -41,7 +41,7 @@ def ties_merge(inputs: MergeInputs) -> torch.Tensor:
 
 
 def ties_stream(stream: StreamInputs) -> torch.Tensor:
-    return gta_stream_magnitude(stream, consensus=True)
+    return gta_stream(stream, magnitude_cut, consensus=True)
 
 
 TIES = Operator(
