@@ -135,6 +135,7 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
             base=readers.raw(job.base, job).reshape(-1),
             widen=lambda t: to_math(t, job, device),
             out_dtype=job.out_dtype,
+            shape=job.shape,
             model_params=job.model_params,
             params=job.params,
             generator=generator_for(seed, job.name) if op.random else None,

@@ -79,6 +79,7 @@ class StreamInputs:
     base: torch.Tensor
     widen: Callable[[torch.Tensor], torch.Tensor]
     out_dtype: torch.dtype
+    shape: tuple[int, ...] = ()  # the tensor's shape, for statistics taken along rows
     model_params: Sequence[Mapping[str, Any]] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
     generator: torch.Generator | None = None

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .base import MergeInputs, Operator, Param
+from .base import MergeInputs, Operator, Param, StreamInputs
 from .checks import interval
-from .gta import gta_merge, gta_params
+from .gta import KeepMask, gta_merge, gta_params, gta_stream, l1_factor, magnitudes
 from .kernels import breadcrumbs_mask, masked
 
 PAPER = "https://arxiv.org/abs/2312.06795"
@@ -37,6 +37,18 @@ GAMMA = Param(
     doc="Fraction of largest-magnitude delta entries removed as outliers.",
     check=interval("gamma", 0.0, 1.0, high_open=True),
 )
+
+
+def outlier_cut(
+    stream: StreamInputs, tensor: torch.Tensor, model_params: Mapping[str, Any], rescale: bool
+) -> KeepMask | None:
+    """:func:`outlier_trim` for streaming: the same mask, built on the |δ| buffer."""
+    density = float(model_params["density"])
+    if density >= 1:
+        return None
+    magnitude = magnitudes(stream, tensor)
+    keep = breadcrumbs_mask(magnitude.view(stream.shape), density, float(model_params["gamma"])).reshape(-1)
+    return KeepMask(keep, l1_factor(magnitude, keep) if rescale else None)
 
 
 def outlier_trim(
@@ -63,6 +75,7 @@ BREADCRUMBS = Operator(
     base="required",
     summary="Drop each task vector's outliers and small entries, then add the weighted task vectors.",
     paper=PAPER,
+    stream=lambda stream: gta_stream(stream, outlier_cut, consensus=False),
 )
 
 BREADCRUMBS_TIES = Operator(
@@ -72,4 +85,5 @@ BREADCRUMBS_TIES = Operator(
     base="required",
     summary="Breadcrumbs pruning followed by TIES sign election and disjoint merge.",
     paper=PAPER,
+    stream=lambda stream: gta_stream(stream, outlier_cut, consensus=True),
 )

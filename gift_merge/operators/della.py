@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from .base import MergeInputs, Operator, Param
+from .base import MergeInputs, Operator, Param, StreamInputs
 from .checks import interval
-from .gta import gta_merge, gta_params
+from .gta import KeepMask, gta_merge, gta_params, gta_stream, l1_factor, magnitudes
 from .kernels import bernoulli_mask, della_keep_probabilities, masked, uniform_like
 
 PAPER = "https://arxiv.org/abs/2406.11617"
@@ -43,6 +43,21 @@ EPSILON = Param(
     doc="Half-width of the keep-probability range around density, from smallest to largest |δ| in a row.",
     check=interval("epsilon", 0.0, float("inf")),
 )
+
+
+def magprune_cut(
+    stream: StreamInputs, tensor: torch.Tensor, model_params: Mapping[str, Any], rescale: bool
+) -> KeepMask | None:
+    """:func:`magprune` for streaming: the same draws and mask, built on the |δ| buffer."""
+    density = float(model_params["density"])
+    if density >= 1:
+        uniform_like(torch.empty(stream.shape), stream.generator)  # consume the draw, as magprune does
+        return None
+    magnitude = magnitudes(stream, tensor)
+    probs = della_keep_probabilities(magnitude.view(stream.shape), density, float(model_params["epsilon"]))
+    keep = bernoulli_mask(probs, stream.generator).reshape(-1)
+    del probs
+    return KeepMask(keep, l1_factor(magnitude, keep) if rescale else None)
 
 
 def magprune(
@@ -86,6 +101,7 @@ DELLA = Operator(
     summary="Drop delta entries with magnitude-ranked probabilities, rescale, then TIES consensus.",
     paper=PAPER,
     check=check_della,
+    stream=lambda stream: gta_stream(stream, magprune_cut, consensus=True),
 )
 
 DELLA_LINEAR = Operator(
@@ -97,4 +113,5 @@ DELLA_LINEAR = Operator(
     summary="Drop delta entries with magnitude-ranked probabilities, rescale, then add the weighted deltas.",
     paper=PAPER,
     check=check_della,
+    stream=lambda stream: gta_stream(stream, magprune_cut, consensus=False),
 )

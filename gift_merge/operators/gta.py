@@ -119,7 +119,7 @@ class _MagnitudeCut:
 
 
 @dataclass
-class _KeepMask:
+class KeepMask:
     """A drawn keep mask (DARE) and its L1 rescale factor, if any."""
 
     keep: torch.Tensor  # bool, flat
@@ -130,11 +130,11 @@ class _KeepMask:
         return delta.mul_(self.factor) if self.factor is not None else delta
 
 
-Cut = _MagnitudeCut | _KeepMask
+Cut = _MagnitudeCut | KeepMask
 CutBuilder = Callable[[StreamInputs, torch.Tensor, Mapping[str, Any], bool], "Cut | None"]
 
 
-def _magnitudes(stream: StreamInputs, tensor: torch.Tensor) -> torch.Tensor:
+def magnitudes(stream: StreamInputs, tensor: torch.Tensor) -> torch.Tensor:
     """|δ| of one input, built slice by slice into one buffer: the only whole-tensor copy a stream makes."""
     n = stream.base.numel()
     magnitude: torch.Tensor | None = None
@@ -148,7 +148,7 @@ def _magnitudes(stream: StreamInputs, tensor: torch.Tensor) -> torch.Tensor:
     return magnitude
 
 
-def _l1_factor(magnitude: torch.Tensor, keep: torch.Tensor) -> float | None:
+def l1_factor(magnitude: torch.Tensor, keep: torch.Tensor) -> float | None:
     """The factor :func:`kernels.masked` rescales by, from the same values summed the same way."""
     before = float(magnitude.sum())
     after = float((magnitude * keep).sum())
@@ -166,14 +166,14 @@ def magnitude_cut(
     k = int(density * n)
     if k <= 0:
         return _MagnitudeCut(math.inf, 0, None)
-    magnitude = _magnitudes(stream, tensor)
+    magnitude = magnitudes(stream, tensor)
     threshold = kth_largest(magnitude, k)
     ties = k - int(torch.count_nonzero(magnitude > threshold))
     factor = None
     if rescale:
         keep = magnitude > threshold
         keep[torch.nonzero(magnitude == threshold).squeeze(1)[:ties]] = True
-        factor = _l1_factor(magnitude, keep)
+        factor = l1_factor(magnitude, keep)
     return _MagnitudeCut(float(threshold), ties, factor)
 
 
@@ -189,9 +189,9 @@ def random_cut(
     keep = torch.rand(n, generator=stream.generator, dtype=torch.float32, device="cpu") < density
     if density >= 1:
         return None
-    magnitude = _magnitudes(stream, tensor) if rescale else None
+    magnitude = magnitudes(stream, tensor) if rescale else None
     keep = keep.to(magnitude.device if magnitude is not None else stream.base.device)
-    return _KeepMask(keep, _l1_factor(magnitude, keep) if magnitude is not None else None)
+    return KeepMask(keep, l1_factor(magnitude, keep) if magnitude is not None else None)
 
 
 def gta_stream(stream: StreamInputs, cut: CutBuilder, consensus: bool) -> torch.Tensor:
