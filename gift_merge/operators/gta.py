@@ -167,7 +167,14 @@ def magnitude_cut(
     if k <= 0:
         return _MagnitudeCut(math.inf, 0, None)
     magnitude = magnitudes(stream, tensor)
-    threshold = kth_largest(magnitude, k)
+    if not rescale and magnitude.device.type == "cpu":
+        # Nothing below needs |δ| in index order (the tie count is a count), so select in place and save
+        # the tensor-sized copy np.partition would make; the k-th largest value is the same either way.
+        values = magnitude.numpy()
+        values.partition(n - k)
+        threshold = torch.tensor(values[n - k], dtype=magnitude.dtype)
+    else:
+        threshold = kth_largest(magnitude, k)
     ties = k - int(torch.count_nonzero(magnitude > threshold))
     factor = None
     if rescale:
