@@ -188,3 +188,16 @@ def test_inspect(llama: dict[str, Path]) -> None:
 def test_missing_recipe_file(tmp_path: Path) -> None:
     result = invoke("validate", str(tmp_path / "nope.yaml"))
     assert result.exit_code == 2 and "nope.yaml" in result.output
+
+
+def test_unavailable_device_and_offline_hub_fail_cleanly(tmp_path: Path, llama: dict[str, Path]) -> None:
+    import torch
+
+    recipe = write(tmp_path, TIES, llama)
+    if not torch.cuda.is_available():
+        result = invoke("run", str(recipe), str(tmp_path / "out"), "--device", "cuda")
+        assert result.exit_code == 2 and "CUDA is not available" in result.output
+    hub = write(tmp_path, TIES.replace("{math}", "some-org/not-on-this-machine"), llama, "hub.yaml")
+    result = CliRunner().invoke(main, ["validate", str(hub)], env={"HF_HUB_OFFLINE": "1"})
+    assert result.exit_code == 2
+    assert "some-org/not-on-this-machine" in result.output and len(result.output.strip().splitlines()) == 1
