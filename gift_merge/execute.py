@@ -33,24 +33,23 @@ class _Readers:
 
     def __init__(self, plan: MergePlan) -> None:
         self.models = plan.models
-        used = {src.model for job in plan.jobs for src in (*job.inputs, job.base) if src is not None}
+        used = {src.model for job in plan.jobs for src in job.sources}
         folders = {plan.models[label].folder for label in used}
         self._readers = {folder: CheckpointReader(folder) for folder in folders}
 
     def load(self, src: TensorSource, job: TensorJob, device: torch.device) -> torch.Tensor:
-        model = self.models[src.model]
-        patch = model.patches.get(src.name)
-        if src.delta and model.adapter is not None and patch is not None and patch.additive:
+        found = self.patch_for(src)
+        if src.delta and found is not None and found[1].additive:
             # an additive delta needs only the adapter's factors, not the weight it lands on
-            like = torch.empty(0, device=device, dtype=job.math_dtype)
-            return model.adapter.delta(patch, like)
+            return found[0].delta(found[1], torch.empty(0, device=device, dtype=job.math_dtype))
         tensor = self.raw(src, job)
         if job.copy:
             return tensor
         tensor = to_math(tensor, job, device)
-        if patch is None or model.adapter is None:
+        if found is None:
             return tensor
-        return model.adapter.delta(patch, tensor) if src.delta else model.adapter.patched(patch, tensor)
+        adapter, patch = found
+        return adapter.delta(patch, tensor) if src.delta else adapter.patched(patch, tensor)
 
     def raw(self, src: TensorSource, job: TensorJob) -> torch.Tensor:
         """The stored tensor as read (its own dtype, on the CPU), trimmed to the planned rows."""
@@ -64,10 +63,20 @@ class _Readers:
         patch = model.patches.get(src.name)
         return (model.adapter, patch) if patch is not None and model.adapter is not None else None
 
-    def streamable(self, job: TensorJob) -> bool:
-        """Whether every adapter patch on the job's inputs can be computed a block of rows at a time."""
-        sources = [s for s in (*job.inputs, job.base) if s is not None]
-        return all(found is None or found[1].additive for found in map(self.patch_for, sources))
+    def path(self, job: TensorJob) -> str:
+        """How a job runs: ``elementwise`` (row blocks), ``stream`` (the operator's own slicing) or ``whole``.
+
+        The one place that decides, so the executor and the memory budget always agree.
+        """
+        if job.copy or job.numel < _CHUNK_FROM or not job.shape:
+            return "whole"
+        op = get_operator(job.operator)
+        patches = [found[1] for found in map(self.patch_for, job.sources) if found is not None]
+        if op.elementwise and not op.random and all(p.additive for p in patches):
+            return "elementwise"
+        if op.stream is not None and job.base is not None and not patches:
+            return "stream"
+        return "whole"
 
     def rows(self, src: TensorSource, job: TensorJob, rows: slice, device: torch.device) -> torch.Tensor:
         """Rows of an input, widened to the math dtype, with its (additive) adapter patch applied."""
@@ -123,13 +132,10 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
     if job.copy:
         return readers.load(job.inputs[0], job, device).contiguous()
     op = get_operator(job.operator)
-    numel = 1
-    for d in job.shape:
-        numel *= d
-    if op.elementwise and not op.random and numel >= _CHUNK_FROM and len(job.shape) > 0 and readers.streamable(job):
+    path = readers.path(job)
+    if path == "elementwise":
         return _compute_elementwise(op, job, readers, device)
-    patched = any(readers.patch_for(s) for s in (*job.inputs, job.base) if s is not None)
-    if op.stream is not None and job.base is not None and numel >= _CHUNK_FROM and not patched:
+    if path == "stream" and op.stream is not None and job.base is not None:
         stream = StreamInputs(
             tensors=[readers.raw(s, job).reshape(-1) for s in job.inputs],
             base=readers.raw(job.base, job).reshape(-1),
@@ -157,18 +163,14 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 _TEMPORARIES = 6  # fp32 tensor-sized temporaries an operator holds besides its inputs (TIES: deltas, masks, sums)
 
 
-def working_set(job: TensorJob) -> int:
-    """Rough peak bytes of one job: its inputs and temporaries in the math dtype (chunked jobs: the output)."""
-    numel = 1
-    for d in job.shape:
-        numel *= d
-    op = get_operator(job.operator) if not job.copy else None
-    if op is not None and op.elementwise and numel >= _CHUNK_FROM:
-        return numel * job.out_dtype.itemsize
-    if op is not None and op.stream is not None and numel >= _CHUNK_FROM:
-        return numel * (job.out_dtype.itemsize + 2 * job.math_dtype.itemsize)  # output, |δ| buffer, its selection copy
-    inputs = len(job.inputs) + (job.base is not None)
-    return numel * job.math_dtype.itemsize * (inputs + _TEMPORARIES)
+def working_set(job: TensorJob, path: str) -> int:
+    """Rough peak bytes of one job on ``path``: inputs and temporaries in the math dtype, or for sliced
+    jobs their output (plus, streamed, the |δ| buffer and its selection copy)."""
+    if path == "elementwise":
+        return job.numel * job.out_dtype.itemsize
+    if path == "stream":
+        return job.numel * (job.out_dtype.itemsize + 2 * job.math_dtype.itemsize)
+    return job.numel * job.math_dtype.itemsize * (len(job.sources) + _TEMPORARIES)
 
 
 def default_workers() -> int:
@@ -213,7 +215,7 @@ def execute_plan(
     def finish(job: TensorJob, future: Future[torch.Tensor]) -> None:
         nonlocal done, in_flight
         writer.write(job.name, future.result())
-        in_flight -= working_set(job)
+        in_flight -= working_set(job, readers.path(job))
         done += 1
         bar.update(job.nbytes)
         bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
@@ -222,7 +224,7 @@ def execute_plan(
     try:
         with _intra_op_threads(threads), ThreadPoolExecutor(workers, thread_name_prefix="gift-merge") as pool:
             for job in plan.jobs:
-                cost = working_set(job)
+                cost = working_set(job, readers.path(job))
                 while pending and (len(pending) > workers or in_flight + cost > memory_budget):
                     finish(*pending.popleft())
                 pending.append((job, pool.submit(compute_job, job, readers, dev, seed)))

@@ -49,11 +49,20 @@ class TensorJob:
     math_dtype: torch.dtype = torch.float32
 
     @property
-    def nbytes(self) -> int:
-        n = self.out_dtype.itemsize
+    def numel(self) -> int:
+        n = 1
         for d in self.shape:
             n *= d
         return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+    @property
+    def sources(self) -> tuple[TensorSource, ...]:
+        """Every tensor the job reads: its inputs and, if any, its base."""
+        return (*self.inputs, self.base) if self.base is not None else self.inputs
 
 
 @dataclass

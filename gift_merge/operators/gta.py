@@ -26,7 +26,8 @@ import torch
 
 from .base import MergeInputs, Param, StreamInputs
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
-from .kernels import RESCALE_EPS, consensus_sum, kth_largest, task_vectors
+from .kernels import consensus_sum, kth_largest, task_vectors
+from .kernels import l1_factor as rescale_factor
 
 Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, torch.Generator | None], torch.Tensor]
 """(δ_i, model i's params, rescale, generator) → pruned δ_i. Called once per model, in input order."""
@@ -150,9 +151,7 @@ def magnitudes(stream: StreamInputs, tensor: torch.Tensor) -> torch.Tensor:
 
 def l1_factor(magnitude: torch.Tensor, keep: torch.Tensor) -> float | None:
     """The factor :func:`kernels.masked` rescales by, from the same values summed the same way."""
-    before = float(magnitude.sum())
-    after = float((magnitude * keep).sum())
-    return before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else None
+    return rescale_factor(float(magnitude.sum()), float((magnitude * keep).sum()))
 
 
 def magnitude_cut(

@@ -203,10 +203,13 @@ def masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tens
     kept = delta.mul_(mask)
     if not rescale:
         return kept
-    after = float(kept.abs().sum())
-    if before < RESCALE_EPS or after < RESCALE_EPS:
-        return kept
-    return kept.mul_(before / after)
+    factor = l1_factor(before, float(kept.abs().sum()))
+    return kept if factor is None else kept.mul_(factor)
+
+
+def l1_factor(before: float, after: float) -> float | None:
+    """‖δ‖₁/‖kept‖₁, or ``None`` (no rescale) when either norm is below 1e-7, where the ratio is noise."""
+    return before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else None
 
 
 def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -216,11 +219,8 @@ def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     either norm is below 1e-7, where the ratio would be noise. (``sum``, not ``vector_norm(ord=1)``, which
     is 0.5 % off on large CPU tensors; see the reductions above.)
     """
-    before = float(delta.abs().sum())
-    after = float(kept.abs().sum())
-    if before < RESCALE_EPS or after < RESCALE_EPS:
-        return kept
-    return kept * (before / after)
+    factor = l1_factor(float(delta.abs().sum()), float(kept.abs().sum()))
+    return kept if factor is None else kept * factor
 
 
 # --------------------------------------------------------------------------------------------- consensus
