@@ -120,10 +120,13 @@ def validate(recipe: Path) -> None:
     """Check RECIPE and every model it names, reading no weights."""
     from gift_merge.merge import plan_recipe
     from gift_merge.recipe import load_recipe
+    from gift_merge.train.stage import TrainPlan
 
     plans = plan_recipe(load_recipe(recipe))
-    jobs = sum(len(p.jobs) for p in plans)
-    click.echo(f"{recipe}: ok ({len(plans)} stage(s), {jobs} output tensors)")
+    jobs = sum(len(p.jobs) for p in plans if not isinstance(p, TrainPlan))
+    trains = sum(1 for p in plans if isinstance(p, TrainPlan))
+    training = f", {trains} to train" if trains else ""
+    click.echo(f"{recipe}: ok ({len(plans)} stage(s){training}, {jobs} output tensors)")
 
 
 @main.command()
@@ -134,9 +137,13 @@ def plan(recipe: Path) -> None:
     from gift_merge.merge import plan_recipe
     from gift_merge.plan import describe_job
     from gift_merge.recipe import load_recipe
+    from gift_merge.train.stage import TrainPlan
 
     for stage_plan in plan_recipe(load_recipe(recipe)):
         name = stage_plan.stage.name or "final"
+        if isinstance(stage_plan, TrainPlan):
+            click.echo(f"# stage {name}: {stage_plan.describe()}")
+            continue
         size = stage_plan.output_bytes / 1e9
         click.echo(f"# stage {name}: {stage_plan.operator.name}, {len(stage_plan.jobs)} tensors, {size:.3f} GB")
         for warning in stage_plan.warnings:

@@ -1,10 +1,12 @@
-"""``make demo``: build a tiny model family locally, merge it with the quickstart recipe, load the result.
+"""``make demo``: build a tiny model family locally, merge it with the quickstart recipe, load the result,
+then run the whole GIFT method (annotate, train, transfer) from one recipe.
 
-Runs offline in seconds on a CPU; nothing is downloaded. Run from the repository root.
+Runs offline in under a minute on a CPU; nothing is downloaded. Run from the repository root.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,8 +30,11 @@ def main(root: Path | None = None) -> int:
     adapter = root / "demo" / "adapters" / "math-lora"
     if not (adapter / "adapter_config.json").is_file():
         build_adapter(models / "base", adapter, seed=0)
+    pipeline_path = root / "recipes" / "gift-pipeline.yaml"
     try:
         out = run_recipe(load_recipe(recipe_path), None, MergeOptions(overwrite=True))
+        print(f"\nGIFT in one recipe ({pipeline_path.name}): annotate, train a LoRA adapter on the base, transfer …")
+        gift_out = run_recipe(load_recipe(pipeline_path), None, MergeOptions(overwrite=True))
     except GiftMergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -47,6 +52,10 @@ def main(root: Path | None = None) -> int:
     print(f"\nmerged model: {out}")
     print(f"  recipe: {recipe_path}   inputs: {models}")
     print(f"  a random tiny model's reply (gibberish is expected): {reply!r}")
+    adapter_out = gift_out.parent / f"{gift_out.name}-stages" / "math-adapter"
+    losses = [json.loads(line)["loss"] for line in (adapter_out / "training_log.jsonl").read_text().splitlines()]
+    print(f"\nGIFT-merged model: {gift_out}")
+    print(f"  adapter: {adapter_out} (GIFT-weighted loss {losses[0]:.2f} → {losses[-1]:.2f} in {len(losses)} steps)")
     print("\nload it like any transformers model:")
     print("  from transformers import AutoModelForCausalLM")
     print(f"  model = AutoModelForCausalLM.from_pretrained({str(out)!r})")
@@ -55,6 +64,7 @@ def main(root: Path | None = None) -> int:
     print(
         "  gift-merge run recipes/gift-transfer.yaml      # add a LoRA adapter to the instruct model (GIFT's last step)"
     )
+    print("  gift-merge plan recipes/gift-pipeline.yaml     # what the GIFT pipeline trains and merges")
     return 0
 
 

@@ -2,11 +2,13 @@
 
 The whole pipeline is planned before any tensor is read (stages not yet built are described by their
 plans), so a typo in the last document of a multi-document recipe fails in a second, not after an hour
-of merging. Each stage's output appears only when complete.
+of merging or training. Each stage's output appears only when complete. A stage whose folder holds the
+output of the same stage text is reused, unless a stage it depends on was rebuilt in this run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,10 @@ from gift_merge.io import artifacts
 from gift_merge.io.writer import atomic_output_folder, check_output_free
 from gift_merge.models import ModelInfo, ModelResolver
 from gift_merge.plan import MergePlan, plan_stage
-from gift_merge.recipe.schema import MergeStage, Recipe
+from gift_merge.recipe.loader import stage_dependencies
+from gift_merge.recipe.schema import Recipe, Stage, TrainStage
+from gift_merge.train.output import PROVENANCE_NAME
+from gift_merge.train.stage import TrainPlan, plan_training, run_training, training_is_current
 
 log = logging.getLogger("gift_merge")
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -55,12 +60,26 @@ def _virtual_output(plan: MergePlan, folder: Path, name: str) -> ModelInfo:
     return ModelInfo(name, folder, tensors, plan.config, layout, virtual=True)
 
 
-def plan_recipe(recipe: Recipe, out: Path | None = None, intermediate: Path | None = None) -> list[MergePlan]:
+StagePlan = MergePlan | TrainPlan
+
+
+def _resolver(recipe: Recipe, folders: dict[str, Path]) -> ModelResolver:
+    trains = {s.name for s in recipe.stages if isinstance(s, TrainStage) and s.name}
+    return ModelResolver(recipe.folder, folders, adapter_stages=trains)
+
+
+def plan_recipe(recipe: Recipe, out: Path | None = None, intermediate: Path | None = None) -> list[StagePlan]:
     """Plan every stage without reading a tensor; later stages see earlier ones' planned outputs."""
     out = out or Path.cwd() / "merged"
-    resolver = ModelResolver(recipe.folder, _stage_folders(recipe, out, intermediate))
-    plans = []
+    resolver = _resolver(recipe, _stage_folders(recipe, out, intermediate))
+    plans: list[StagePlan] = []
     for stage in recipe.stages:
+        if isinstance(stage, TrainStage):
+            train_plan = plan_training(stage, resolver)
+            plans.append(train_plan)
+            if stage.name:
+                resolver.planned_adapters[stage.name] = train_plan.patches
+            continue
         plan = plan_stage(stage, resolver)
         plans.append(plan)
         if stage.name and stage is not recipe.final:
@@ -76,12 +95,20 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOpti
     plans = plan_recipe(recipe, destination, options.intermediate_dir)
     _refuse_inputs_as_output(plans, destination)
     folders = _stage_folders(recipe, destination, options.intermediate_dir)
-    resolver = ModelResolver(recipe.folder, folders)
+    resolver = _resolver(recipe, folders)
+    rebuilt: set[str] = set()
     for stage in recipe.stages:
         final = stage is recipe.final
         target = destination if final else folders[stage.name or ""]
-        if not final and _stage_is_current(target, stage):
+        fresh_inputs = not (stage_dependencies(stage) & rebuilt)
+        if not final and fresh_inputs and _stage_is_current(target, stage):
             log.info("stage %s: up to date in %s", stage.name, target)
+            continue
+        rebuilt.add(stage.name or "")
+        if isinstance(stage, TrainStage):
+            log.info("stage %s: training an adapter into %s", stage.name or "final", target)
+            overwrite = options.overwrite or not final
+            run_training(stage, target, folders, overwrite=overwrite, quiet=options.quiet)
             continue
         plan = plan_stage(stage, resolver)  # re-planned against the real outputs of earlier stages
         for warning in plan.warnings:
@@ -90,14 +117,17 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOpti
     return destination
 
 
-def _refuse_inputs_as_output(plans: list[MergePlan], destination: Path) -> None:
+def _refuse_inputs_as_output(plans: list[StagePlan], destination: Path) -> None:
     for plan in plans:
-        for model in plan.models.values():
+        models = [plan.base] if isinstance(plan, TrainPlan) else plan.models.values()
+        for model in models:
             if not model.virtual and model.folder.resolve() == destination:
                 raise GiftMergeError(f"{destination}: the output folder is also input {model.label}")
 
 
-def _stage_is_current(folder: Path, stage: MergeStage) -> bool:
+def _stage_is_current(folder: Path, stage: Stage) -> bool:
+    if isinstance(stage, TrainStage):
+        return training_is_current(folder, stage)
     recipe_file = folder / artifacts.RECIPE_NAME
     return (folder / "config.json").is_file() and recipe_file.is_file() and recipe_file.read_text() == stage.text
 
@@ -128,4 +158,18 @@ def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, o
             base=str(stage.base_model) if stage.base_model else None,
             inputs=[m.label for m in plan.models.values()],
             recipe_text=stage.text,
+            trained=_training_records(plan),
         )
+
+
+def _training_records(plan: MergePlan) -> dict[str, dict]:
+    """The ``gift.json`` of every adapter input that gift-merge trained."""
+    records = {}
+    for model in plan.models.values():
+        record = model.adapter.folder / PROVENANCE_NAME if model.adapter is not None else None
+        if record is not None and record.is_file():
+            try:
+                records[model.label] = json.loads(record.read_text())
+            except ValueError:
+                log.warning("%s: not valid JSON; the model card will not say how the adapter was trained", record)
+    return records

@@ -34,9 +34,14 @@ class ModelInfo:
     adapter: AdapterReader | None = None
     patches: Mapping[str, Patch] = field(default_factory=dict)
     adapter_only: bool = False  # an adapter folder standing as a model: its receiving model plus ΔW
+    planned_adapter: bool = False  # a recipe's train stage not yet run: ``patches`` say what it will touch
 
     def has(self, name: str) -> bool:
         return name in self.tensors
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter is not None or self.planned_adapter
 
 
 def read_config(folder: Path, label: str) -> dict[str, Any]:
@@ -64,12 +69,15 @@ class ModelResolver:
     """Resolves recipe model references to :class:`ModelInfo`, once each.
 
     ``stage_folders`` maps a stage name to the folder its output goes to; ``virtual`` holds stage
-    outputs described by their plans when the folder is not built yet.
+    outputs described by their plans when the folder is not built yet; ``planned_adapters`` the LoRA
+    patches that a train stage not yet run will produce (base weight name → patch).
     """
 
     recipe_folder: Path
     stage_folders: dict[str, Path] = field(default_factory=dict)
     virtual: dict[str, ModelInfo] = field(default_factory=dict)
+    adapter_stages: set[str] = field(default_factory=set)
+    planned_adapters: dict[str, dict[str, Patch]] = field(default_factory=dict)
     _cache: dict[str, ModelInfo] = field(default_factory=dict)
 
     warnings: list[str] = field(default_factory=list)
@@ -81,6 +89,8 @@ class ModelResolver:
             base = self.resolve(ref.model_only)
             adapter_folder = locate(ref.adapter, ref.adapter_revision, relative_to=self.recipe_folder)
             return self._with_adapter(label, base, adapter_folder, adapter_only=False)
+        if ref.stage is not None and ref.stage in self.adapter_stages:
+            return self._stage_adapter(ref, receiver)
         local_adapter = self._local_adapter(ref) if ref.stage is None else None
         if local_adapter is not None:
             if receiver is None:
@@ -100,6 +110,33 @@ class ModelResolver:
             info = model_info_from_folder(locate(ref.path, ref.revision, relative_to=self.recipe_folder), label)
         self._cache[label] = info
         return info
+
+    def _stage_adapter(self, ref: ModelRef, receiver: ModelInfo | None) -> ModelInfo:
+        """A train stage's adapter: the trained folder, or the patches its plan promises."""
+        label = str(ref)
+        if receiver is None:
+            raise GiftMergeError(f"model {label}: an adapter stands as a model only in a recipe with a base_model")
+        assert ref.stage is not None
+        folder = self.stage_folders.get(ref.stage)
+        if folder is not None and is_adapter_folder(folder):
+            return self._with_adapter(label, receiver, folder, adapter_only=True)
+        if ref.stage not in self.planned_adapters:
+            raise GiftMergeError(f"model {label}: stage {ref.stage!r} has not been planned")
+        patches = self.planned_adapters[ref.stage]
+        for name, patch in patches.items():
+            if name not in receiver.tensors:
+                raise GiftMergeError(f"adapter stage {ref.stage!r} trains {patch.module}, which {receiver.label} lacks")
+        return ModelInfo(
+            label,
+            receiver.folder,
+            receiver.tensors,
+            receiver.config,
+            receiver.layout,
+            virtual=True,
+            patches=patches,
+            adapter_only=True,
+            planned_adapter=True,
+        )
 
     def _local_adapter(self, ref: ModelRef) -> Path | None:
         for folder in (self.recipe_folder / ref.path, Path(ref.path).expanduser()):

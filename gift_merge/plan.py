@@ -137,7 +137,7 @@ def _normalise_slices(stage: MergeStage, op: Operator, info: Any, base_label: st
         sources, lengths = [], set()
         for entry in inputs:
             model = info(entry.model, receiver)
-            if op.deltas and model.adapter is None:
+            if op.deltas and not model.is_adapter:
                 raise GiftMergeError(f"{entry.where}.model: {op.name} takes adapter folders, {model.label} is a model")
             start, end = entry.layer_range or (0, model.layout.num_layers)
             if end > model.layout.num_layers:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,20 @@ def set_chat_template(out: Path, setting: str, input_folders: Iterable[Path]) ->
     (out / "chat_template.jinja").write_text(template)
 
 
-def write_model_card(out: Path, *, method: str, base: str | None, inputs: list[str], recipe_text: str) -> None:
-    """A README naming the inputs and the method, with the recipe verbatim, as the Hub expects."""
+def write_model_card(
+    out: Path,
+    *,
+    method: str,
+    base: str | None,
+    inputs: list[str],
+    recipe_text: str,
+    trained: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """A README naming the inputs and the method, with the recipe verbatim, as the Hub expects.
+
+    ``trained`` maps an adapter input to the ``gift.json`` its trainer wrote, so the card says how the
+    transferred adapter was made (GIFT or SFT, on which base, from which data).
+    """
     hub_ids = [m for m in [base, *inputs] if m and "/" in m and not m.startswith((".", "/", "~"))]
     lines = ["---"]
     if hub_ids:
@@ -93,5 +105,23 @@ def write_model_card(out: Path, *, method: str, base: str | None, inputs: list[s
     lines.append(f"This model was merged with gift-merge using the `{method}` method"
                  + (f" with `{base}` as the base." if base else "."))  # fmt: skip
     lines += ["", "## Inputs", ""] + [f"- `{m}`" for m in dict.fromkeys(inputs)]
+    for label, record in (trained or {}).items():
+        lines += ["", f"## How `{label}` was trained", "", *_training_lines(record)]
     lines += ["", "## Recipe", "", "```yaml", recipe_text.strip(), "```", ""]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _training_lines(record: Mapping[str, Any]) -> list[str]:
+    lora = record.get("lora") or {}
+    lines = [
+        f"- method: {record.get('method', 'unknown')}"
+        + (f" (γ {record['gamma']:g}, floor {record['floor']:g})" if record.get("mode") == "gift" else ""),
+        f"- trained on: `{record.get('base_model')}`",
+    ]
+    if record.get("instruct_model"):
+        lines.append(f"- token scores from: `{record['instruct_model']}`")
+    lines.append(f"- data: `{record.get('data')}` (sha256 {str(record.get('data_sha256'))[:12]}…, "
+                 f"{record.get('examples')} examples, {record.get('steps')} optimizer steps)")  # fmt: skip
+    if lora:
+        lines.append(f"- LoRA: r {lora.get('r')}, alpha {lora.get('alpha')}, on {', '.join(lora.get('targets', []))}")
+    return lines

@@ -2,7 +2,9 @@
 
 Every unknown key is an error naming its YAML path with a typo hint, unlike mergekit, which ignores
 them; a YAML file is data and never names code to run. mergekit's multi-document recipes (``---``
-separated, ``name:`` on all but the final one) become stages in dependency order.
+separated, ``name:`` on all but the final one) become stages in dependency order. A document with a
+``train:`` section instead of ``merge_method`` trains a GIFT/SFT adapter (the options of ``gift-merge
+train``), which later documents use by the document's name.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from gift_merge.dtypes import parse_dtype
 from gift_merge.errors import GiftMergeError
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import Operator
-from gift_merge.recipe.schema import InputModel, MergeStage, ModelRef, Recipe, SliceSpec
+from gift_merge.recipe.schema import InputModel, MergeStage, ModelRef, Recipe, SliceSpec, Stage, TrainStage
 from gift_merge.recipe.settings import Setting, compile_setting
 from gift_merge.suggest import did_you_mean
+from gift_merge.train.config import TrainConfig
 
 STAGE_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -28,6 +31,8 @@ STAGE_KEYS = (
 MODEL_KEYS = ("model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+TRAIN_STAGE_KEYS = ("train", "name", "output")
+_STAGE_DECIDES = ("out", "overwrite")  # a train stage's output is its stage folder, always replaceable
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -53,12 +58,49 @@ def parse_recipe(text: str, *, folder: Path | None = None, source: Path | None =
     if not documents:
         raise GiftMergeError(f"{label}: empty recipe")
     multi = len(documents) > 1
+    folder = folder or Path.cwd()
     stages = [
-        _parse_stage(doc, f"{label}" + (f"[document {i + 1}]" if multi else ""), raw)
+        _parse_document(doc, f"{label}" + (f"[document {i + 1}]" if multi else ""), raw, folder)
         for i, (doc, raw) in enumerate(documents)
     ]
     ordered = _order_stages(stages, label) if multi else stages
-    return Recipe(tuple(ordered), (folder or Path.cwd()), source, text)
+    return Recipe(tuple(ordered), folder, source, text)
+
+
+def _parse_document(doc: Any, where: str, text: str, folder: Path) -> Stage:
+    if isinstance(doc, dict) and "train" in doc:
+        if "merge_method" in doc:
+            raise GiftMergeError(f"{where}: a document either merges (merge_method) or trains (train), not both")
+        return _parse_train_stage(doc, where, text, folder)
+    return _parse_stage(doc, where, text)
+
+
+def _parse_train_stage(doc: Any, where: str, text: str, folder: Path) -> TrainStage:
+    doc = _check_keys(doc, TRAIN_STAGE_KEYS, where)
+    section = doc["train"]
+    if not isinstance(section, dict):
+        raise GiftMergeError(f"{where}.train: expected a mapping of training options (as `gift-merge train`'s)")
+    for key in _STAGE_DECIDES:
+        if key in section:
+            raise GiftMergeError(
+                f"{where}.train.{key}: a recipe's train stage writes its adapter to OUT-stages/<name> "
+                "(or, as the last document, to the output); remove it"
+            )
+    # the placeholder output is replaced by the stage's folder when it runs
+    config = TrainConfig.from_mapping({**section, "out": "."}, where=f"{where}.train", folder=folder)
+    name = doc.get("name")
+    if name is not None and not isinstance(name, str):
+        raise GiftMergeError(f"{where}.name: expected a string")
+    instruct = section.get("instruct")
+    return TrainStage(
+        config=config,
+        base=_parse_model(section["base"], f"{where}.train.base"),
+        instruct=_parse_model(instruct, f"{where}.train.instruct") if instruct is not None else None,
+        name=name,
+        output=str(doc["output"]) if doc.get("output") is not None else None,
+        text=text,
+        where=where,
+    )
 
 
 def _split_documents(text: str) -> list[str]:
@@ -230,7 +272,7 @@ def _parse_chat_template(raw: Any, where: str) -> str | None:
     )
 
 
-def _order_stages(stages: list[MergeStage], label: str) -> list[MergeStage]:
+def _order_stages(stages: list[Stage], label: str) -> list[Stage]:
     """Rewrite references to earlier stages and sort the stages so dependencies run first."""
     names = [s.name for s in stages if s.name]
     if len(set(names)) != len(names):
@@ -245,10 +287,10 @@ def _order_stages(stages: list[MergeStage], label: str) -> list[MergeStage]:
             return ModelRef(ref.path, None, ref.adapter, ref.adapter_revision, stage=ref.path)
         return ref
 
-    linked: dict[str, MergeStage] = {}
+    linked: dict[str, Stage] = {}
     for stage in stages:
         linked[stage.name or ""] = _relink(stage, link)
-    deps = {key: {r.stage for r in _refs(s) if r.stage} for key, s in linked.items()}
+    deps = {key: stage_dependencies(s) for key, s in linked.items()}
     order: list[str] = []
     visiting: set[str] = set()
 
@@ -271,7 +313,14 @@ def _order_stages(stages: list[MergeStage], label: str) -> list[MergeStage]:
     return [linked[k] for k in order]
 
 
-def _refs(stage: MergeStage) -> list[ModelRef]:
+def stage_dependencies(stage: Stage) -> set[str]:
+    """Names of the earlier stages whose outputs ``stage`` reads."""
+    return {r.stage for r in _refs(stage) if r.stage}
+
+
+def _refs(stage: Stage) -> list[ModelRef]:
+    if isinstance(stage, TrainStage):
+        return [r for r in (stage.base, stage.instruct) if r is not None]
     refs = [stage.base_model, stage.tokenizer_source]
     refs += [m.model for m in stage.models or ()]
     for sl in stage.slices or ():
@@ -279,8 +328,11 @@ def _refs(stage: MergeStage) -> list[ModelRef]:
     return [r for r in refs if r is not None]
 
 
-def _relink(stage: MergeStage, link: Any) -> MergeStage:
+def _relink(stage: Stage, link: Any) -> Stage:
     from dataclasses import replace
+
+    if isinstance(stage, TrainStage):
+        return replace(stage, base=link(stage.base), instruct=link(stage.instruct))
 
     def relink_input(m: InputModel) -> InputModel:
         return replace(m, model=link(m.model))

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gift_merge.errors import GiftMergeError
 from gift_merge.recipe.settings import Setting
+
+if TYPE_CHECKING:
+    from gift_merge.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -111,14 +115,35 @@ class MergeStage:
 
 
 @dataclass(frozen=True)
+class TrainStage:
+    """A document with a ``train:`` section: a GIFT (or SFT) LoRA adapter trained on ``base``.
+
+    ``config.out`` is a placeholder: the adapter goes to the stage folder (``OUT-stages/<name>``), or to
+    the output folder when this is the final document. ``base`` and ``instruct`` may name earlier
+    stages, like any model reference.
+    """
+
+    config: TrainConfig
+    base: ModelRef
+    instruct: ModelRef | None = None
+    name: str | None = None
+    output: str | None = None
+    text: str = ""
+    where: str = ""
+
+
+Stage = MergeStage | TrainStage
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A loaded recipe: its stages in execution order (dependencies first)."""
 
-    stages: tuple[MergeStage, ...]
+    stages: tuple[Stage, ...]
     folder: Path
     path: Path | None = None
     text: str = ""
 
     @property
-    def final(self) -> MergeStage:
+    def final(self) -> Stage:
         return self.stages[-1]

@@ -22,21 +22,9 @@ from transformers.utils import logging as hf_logging
 from gift_merge.dtypes import parse_dtype
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.locate import locate
+from gift_merge.train.targets import OUTPUT_HEAD, choose_targets
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The paper's LoRA targets: every attention and MLP projection of Llama, Qwen2, Mistral …"""
-
-EQUIVALENT_TARGETS: tuple[tuple[str, ...], ...] = (
-    DEFAULT_TARGETS,
-    ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # Phi-3
-    ("c_attn", "c_proj", "c_fc"),  # GPT-2 (Conv1D)
-    ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX, Falcon, Bloom
-    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # OPT, Phi-2
-    ("Wqkv", "out_proj", "fc1", "fc2"),  # MPT-style fused attention
-)
-"""Per architecture family, the names that cover all attention and MLP projections; first match wins."""
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -109,31 +97,14 @@ def eos_id(tokenizer: PreTrainedTokenizerBase, eos_token: str | None) -> tuple[i
 def lora_targets(model: nn.Module, requested: tuple[str, ...] | None) -> tuple[list[str], bool]:
     """LoRA target module names, and whether they are GPT-2 ``Conv1D`` layers (``fan_in_fan_out``).
 
-    Without ``requested``: the first family of :data:`EQUIVALENT_TARGETS` whose names cover all of the
-    model's linear layers of that family. Requested names must each match at least one module.
+    The choice itself is :func:`~gift_merge.train.targets.choose_targets`, shared with recipe planning.
     """
     leaves: dict[str, list[nn.Module]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear | Conv1D):
             leaves.setdefault(name.rsplit(".", 1)[-1], []).append(module)
-    leaves.pop("lm_head", None)
-    if requested is not None:
-        missing = [n for n in requested if n not in leaves and n != "lm_head"]
-        if missing:
-            raise GiftMergeError(
-                f"--targets: no linear module named {missing[0]!r} (have: {', '.join(sorted(leaves))})"
-            )
-        names = list(requested)
-    else:
-        for family in EQUIVALENT_TARGETS:
-            names = [n for n in family if n in leaves]
-            if len(names) >= 2:
-                break
-        else:
-            raise GiftMergeError(
-                f"cannot guess LoRA targets for {type(model).__name__}; pass --targets (linear modules: "
-                f"{', '.join(sorted(leaves))})"
-            )
+    leaves.pop(OUTPUT_HEAD, None)
+    names = choose_targets(leaves, requested, type(model).__name__)
     conv = any(isinstance(m, Conv1D) for n in names for m in leaves.get(n, []))
     return names, conv
 

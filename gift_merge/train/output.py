@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-from peft import PeftModel
+from typing import TYPE_CHECKING, Any
 
 from gift_merge.io.writer import atomic_output_folder
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 LOG_NAME = "training_log.jsonl"
 PROVENANCE_NAME = "gift.json"

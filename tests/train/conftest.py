@@ -10,7 +10,8 @@ import pytest
 import torch
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-NUMINA = DATA / "numina_cot_24.jsonl"  # 24 short rows of the paper's numina_cot_2k.jsonl
+# 24 short rows of the paper's numina_cot_2k.jsonl, shipped with the recipes that train on it
+NUMINA = Path(__file__).resolve().parents[2] / "recipes" / "data" / "numina_cot_24.jsonl"
 MAX_LENGTH = 192  # every prompt fits (≤ 144 tiny-BPE tokens), every response is cut
 
 
