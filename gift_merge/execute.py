@@ -99,7 +99,7 @@ def to_math(tensor: torch.Tensor, job: TensorJob, device: torch.device) -> torch
 
 
 ELEMENTWISE_CHUNK = 1 << 19  # entries: 2 MB per fp32 input, cache-resident
-_CHUNK_FROM = 1 << 22  # smaller tensors gain nothing from chunking
+_CHUNK_FROM = 1 << 20  # smaller tensors gain nothing from chunking
 
 
 def _compute_elementwise(op: Operator, job: TensorJob, readers: _Readers, device: torch.device) -> torch.Tensor:

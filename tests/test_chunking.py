@@ -101,10 +101,15 @@ def test_streamed_trims_are_bit_identical(
     )
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text.format(**llama))
+    import gift_merge.operators.kernels as kernels
+
     outputs = {}
-    for label, (start, chunk) in {"whole": (1 << 62, 1 << 18), "streamed": (1, 1000)}.items():
+    # streamed, the magnitude cuts also take the sampled selection (introselect when whole)
+    for label, (start, chunk, guess_from) in {"whole": (1 << 62, 1 << 18, 1 << 62), "streamed": (1, 1000, 64)}.items():
         monkeypatch.setattr(execute, "_CHUNK_FROM", start)
         monkeypatch.setattr(gta, "CHUNK", chunk)
+        monkeypatch.setattr(kernels, "_GUESS_FROM", guess_from)
+        monkeypatch.setattr(kernels, "_SAMPLE", 32)
         result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q"])
         assert result.exit_code == 0, result.output
         outputs[label] = digest(tmp_path / label)

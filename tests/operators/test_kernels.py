@@ -161,3 +161,40 @@ def test_reductions_stay_accurate_on_large_tensors() -> None:
     kept = a * (b > 0.005)
     ratio = float(a.double().abs().sum() / kept.double().abs().sum())
     assert float(l1_rescale(a, kept).double().abs().sum() / kept.double().abs().sum()) == pytest.approx(ratio, rel=1e-6)
+
+
+def _selection_inputs(seed: int) -> dict[str, np.ndarray]:
+    """Arrays large enough for the sampled selection, each shaped to push it down another branch."""
+    rng = np.random.default_rng(seed)
+    n = (1 << 20) + 12_345
+    sparse = np.zeros(n, dtype=np.float32)
+    sparse[rng.choice(n, 300, replace=False)] = rng.random(300, dtype=np.float32) + 1  # rarely sampled
+    with_nan = rng.random(n, dtype=np.float32)
+    with_nan[rng.choice(n, 5, replace=False)] = np.nan
+    return {
+        "continuous": rng.random(n, dtype=np.float32),  # the guess is almost never the answer
+        "bf16 deltas": np.abs(rng.standard_normal(n).astype(np.float32) * 1e-3).round(5),  # many ties
+        "two values": rng.choice(np.array([0.25, 0.5], dtype=np.float32), n),
+        "sorted": np.sort(rng.random(n)).astype(np.float64),
+        "sparse": sparse,
+        "nan": with_nan,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", ["continuous", "bf16 deltas", "two values", "sorted", "sparse", "nan"])
+def test_kth_largest_array_is_an_exact_selection(case: str, seed: int) -> None:
+    from gift_merge.operators.kernels import kth_largest_and_count, kth_largest_array
+
+    values = _selection_inputs(seed)[case]
+    n = values.size
+    ordered = np.sort(values)  # NaNs last: numpy's order, which introselect follows too
+    for k in (1, 2, 17, 300, 301, n // 10, n // 2, n // 2 + 1, n - 301, n - 1, n):
+        expected = ordered[n - k]
+        got = kth_largest_array(values, k)
+        assert got == expected or (np.isnan(got) and np.isnan(expected)), (case, k)
+        copy = values.copy()
+        in_place = kth_largest_array(copy, k, in_place=True)
+        assert in_place == expected or (np.isnan(in_place) and np.isnan(expected)), (case, k)
+        value, above = kth_largest_and_count(values, k)
+        assert above == np.count_nonzero(values > value), (case, k)
