@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from gift_merge.operators.base import generator_for
+from gift_merge.operators.base import seed_for
 
 SvdMethod = Literal["auto", "full", "randomized"]
 
@@ -118,7 +118,7 @@ def _randomized_svd(
     q = min(k + oversampling(k), m, n)
     devices = [delta.device] if delta.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(generator_for(seed, name).initial_seed())
+        torch.manual_seed(seed_for(seed, name))
         U, S, V = torch.svd_lowrank(delta, q=q, niter=POWER_ITERATIONS)
     kept = float((S[:k].to(torch.float64) ** 2).sum())
     for _ in range(MAX_REFINEMENTS):

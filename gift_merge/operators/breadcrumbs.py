@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .base import MergeInputs, Operator, Param, StreamInputs
@@ -52,7 +53,7 @@ def outlier_cut(
 
 
 def outlier_trim(
-    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
+    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: np.random.Generator | None
 ) -> torch.Tensor:
     density = float(model_params["density"])
     if density >= 1:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .base import MergeInputs, Operator, StreamInputs
@@ -30,7 +31,7 @@ PAPER = "https://arxiv.org/abs/2311.03099"
 
 
 def random_drop(
-    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
+    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: np.random.Generator | None
 ) -> torch.Tensor:
     """Keep each entry with probability ρ; the draw is consumed even at ρ = 1 (see kernels)."""
     density = float(model_params["density"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .base import MergeInputs, Operator, Param, StreamInputs
@@ -61,7 +62,7 @@ def magprune_cut(
 
 
 def magprune(
-    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
+    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: np.random.Generator | None
 ) -> torch.Tensor:
     """Drop entries with probability 1 − p, p rising linearly with the entry's |δ| rank in its row."""
     density = float(model_params["density"])

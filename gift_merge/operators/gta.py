@@ -26,13 +26,13 @@ import torch
 
 from .base import MergeInputs, Param, StreamInputs
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
-from .kernels import consensus_sum, kth_largest, kth_largest_and_count, task_vectors
+from .kernels import consensus_sum, kth_largest, kth_largest_and_count, random_keep, task_vectors
 from .kernels import l1_factor as rescale_factor
 
-Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, torch.Generator | None], torch.Tensor]
+Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, np.random.Generator | None], torch.Tensor]
 """(δ_i, model i's params, rescale, generator) → pruned δ_i. Called once per model, in input order."""
 
-CHUNK = 1 << 18  # entries per chunk of the elementwise stage: 1 MB of fp32, cache-resident
+CHUNK = 1 << 18  # entries per chunk of the elementwise stage: 1 MB of fp32, cache-resident (and even)
 
 LAMBDA = Param("lambda", 1.0, doc="Scale of the merged delta.", check=finite("lambda"))
 
@@ -152,8 +152,16 @@ def magnitudes(stream: StreamInputs, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def l1_factor(magnitude: torch.Tensor, keep: torch.Tensor) -> float | None:
-    """The factor :func:`kernels.masked` rescales by, from the same values summed the same way."""
-    return rescale_factor(float(magnitude.sum()), float((magnitude * keep).sum()))
+    """The factor :func:`kernels.masked` rescales by, from the same values summed the same way.
+
+    Consumes ``magnitude`` (masked in place, slice by slice, with float masks): every caller is done with
+    it, and a tensor-sized product with a bool mask costs ~10× the two sums.
+    """
+    before = float(magnitude.sum())
+    for start in range(0, magnitude.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        magnitude[part].mul_(keep[part].to(magnitude.dtype))
+    return rescale_factor(before, float(magnitude.sum()))
 
 
 def magnitude_cut(
@@ -192,9 +200,14 @@ def random_cut(
     at ρ ≥ 1, in input order), kept as a bool mask."""
     density = float(model_params["density"])
     n = stream.base.numel()
-    if stream.generator is None:
-        raise ValueError("a random merge operator needs a generator")
-    keep = torch.rand(n, generator=stream.generator, dtype=torch.float32, device="cpu") < density
+    # drawn slice by slice (even lengths, so the same raw outputs land on the same entries as one whole
+    # draw): small temporaries stay in cache, where a tensor-sized draw pays a page fault every 1,024 floats
+    if CHUNK % 2:
+        raise ValueError(f"gta.CHUNK must be even to draw slice by slice, got {CHUNK}")
+    keep = torch.empty(n, dtype=torch.bool)
+    for start in range(0, n, CHUNK):
+        part = slice(start, start + CHUNK)
+        keep[part] = random_keep(stream.generator, len(range(n)[part]), density)
     if density >= 1:
         return None
     magnitude = magnitudes(stream, tensor) if rescale else None

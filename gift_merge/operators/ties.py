@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .base import MergeInputs, Operator, StreamInputs
@@ -27,7 +28,7 @@ from .kernels import magnitude_mask, masked
 
 
 def magnitude_trim(
-    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: torch.Generator | None
+    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: np.random.Generator | None
 ) -> torch.Tensor:
     """Keep the ⌊ρ·N⌋ largest-magnitude entries of δ; ρ ≥ 1 returns δ unchanged."""
     density = float(model_params["density"])

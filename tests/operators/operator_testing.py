@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from gift_merge.operators import REQUIRED, MergeInputs, Operator, Param, generator_for
+from gift_merge.operators.base import seed_for
 
 SHAPES = [(7,), (64,), (5, 13), (24, 40)]
 """1-D and 2-D; (7,), (64,) and (5, 13) have fewer than 100 elements."""
@@ -108,10 +109,17 @@ def f64(t: torch.Tensor) -> np.ndarray:
 
 
 def uniforms(seed: int, name: str, shape: tuple[int, ...], n: int) -> list[np.ndarray]:
-    """The documented draw protocol of the random operators: one float32 ``torch.rand`` of the tensor's
-    shape per model, in input order, from ``generator_for(seed, name)`` on the CPU."""
-    g = generator_for(seed, name)
-    return [torch.rand(shape, generator=g, dtype=torch.float32).double().numpy() for _ in range(n)]
+    """The documented draw protocol of the random operators, written out: per model, in input order, one
+    U[0, 1) per entry from a PCG64DXSM seeded by ``seed_for(seed, name)``: the top 24 bits of each 32-bit
+    half (low half first) of its raw 64-bit outputs, times 2⁻²⁴."""
+    bit_generator = np.random.PCG64DXSM(seed_for(seed, name))
+    count = int(np.prod(shape))
+    draws = []
+    for _ in range(n):
+        raw = bit_generator.random_raw((count + 1) // 2)
+        halves = np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).reshape(-1)[:count]
+        draws.append(((halves >> 8).astype(np.float64) / 2**24).reshape(shape))
+    return draws
 
 
 def assert_matches(actual: torch.Tensor, expected: np.ndarray, rtol: float = 1e-5) -> None:

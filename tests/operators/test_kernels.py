@@ -106,7 +106,7 @@ def test_della_keep_rate_follows_the_rank() -> None:
     g = torch.Generator().manual_seed(1)
     delta = torch.randn(4000, 8, generator=g)
     probs = della_keep_probabilities(delta, density=0.5, epsilon=0.3)
-    keep = (torch.rand(delta.shape, generator=generator_for(0, "x")) < probs).double()
+    keep = (torch.rand(delta.shape, generator=torch.Generator().manual_seed(0)) < probs).double()
     largest = delta.abs().argmax(dim=1, keepdim=True)
     smallest = delta.abs().argmin(dim=1, keepdim=True)
     n, sd = 4000, math.sqrt(4000 * 0.25)
@@ -198,3 +198,18 @@ def test_kth_largest_array_is_an_exact_selection(case: str, seed: int) -> None:
         assert in_place == expected or (np.isnan(in_place) and np.isnan(expected)), (case, k)
         value, above = kth_largest_and_count(values, k)
         assert above == np.count_nonzero(values > value), (case, k)
+
+
+def test_uniform_floats_are_exact_float32_uniforms() -> None:
+    from gift_merge.operators.kernels import uniform_floats
+
+    u = uniform_floats(generator_for(3, "w"), 1_000_001).double().numpy()
+    assert u.min() >= 0 and u.max() < 1
+    assert np.all(u * 2**24 == np.floor(u * 2**24))  # multiples of 2^-24: exact in float32
+    n = u.size
+    assert abs(u.mean() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    histogram = np.bincount((u * 16).astype(int), minlength=16)
+    assert np.all(np.abs(histogram - n / 16) < 5 * math.sqrt(n / 16))
+    again = uniform_floats(generator_for(3, "w"), 1_000_001).double().numpy()
+    assert np.array_equal(u, again)
+    assert not np.array_equal(u, uniform_floats(generator_for(3, "v"), 1_000_001).double().numpy())
