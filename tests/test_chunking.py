@@ -129,3 +129,40 @@ def test_streamed_path_is_taken(tmp_path: Path, llama: dict[str, Path], monkeypa
     recipe.write_text(GTA.format(method="ties", **llama))
     assert CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / "out"), "-q"]).exit_code == 0
     assert len(calls) > 10
+
+
+GLOBAL_STATISTICS = {
+    "slerp": "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {math}\nparameters: {{t: [0.1, 0.8]}}\n",
+    "slerp-instruct": "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {instruct}\nparameters: {{t: 0.3}}\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {math}\n  - model: {code}\n",
+    "model_stock-rows": (
+        "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {math}\n  - model: {code}\n"
+        "  - model: {instruct}\nparameters: {{filter_wise: true}}\ndtype: bfloat16\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(GLOBAL_STATISTICS))
+def test_streamed_global_statistics_are_bit_identical(
+    tmp_path: Path, llama: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """slerp and model_stock need whole-tensor inner products: streamed, they sum the same blocks."""
+    import gift_merge.operators.gta as gta
+    import gift_merge.operators.kernels as kernels
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GLOBAL_STATISTICS[name].format(**llama))
+    monkeypatch.setattr(kernels, "REDUCE_BLOCK", 96)  # many blocks, a short last one
+    real_path = execute._Readers.path
+    paths: list[str] = []
+    monkeypatch.setattr(execute._Readers, "path", lambda self, job: paths.append(real_path(self, job)) or paths[-1])
+    outputs = {}
+    for label, (start, chunk) in {"whole": (1 << 62, 1 << 18), "streamed": (1, 1000)}.items():
+        monkeypatch.setattr(execute, "_CHUNK_FROM", start)
+        monkeypatch.setattr(gta, "CHUNK", chunk)
+        paths.clear()
+        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q"])
+        assert result.exit_code == 0, result.output
+        assert ("stream" in paths) == (label == "streamed")
+        outputs[label] = digest(tmp_path / label)
+    assert outputs["whole"] == outputs["streamed"]

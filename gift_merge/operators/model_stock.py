@@ -14,25 +14,31 @@ mergekit, several models use the mean of the pairwise cosines. t is undefined wh
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
-from .base import MergeInputs, Operator, Param
-from .kernels import row_dot, row_norm
+from . import gta, kernels
+from .base import MergeInputs, Operator, Param, StreamInputs
+from .kernels import flat_dot, row_dot, row_norm
 
 
 def model_stock_merge(inputs: MergeInputs) -> torch.Tensor:
     base = inputs.base
     if base is None:
         raise ValueError("model_stock needs a base tensor")
+    if not (inputs.params["filter_wise"] and base.dim() >= 2):
+        # one angle for the whole tensor, from blocked float64 sums (as the streamed path computes them)
+        offsets = [(t - base).reshape(-1) for t in inputs.tensors]
+        pairs = {(i, j): flat_dot(offsets[i], offsets[j]) for i in range(len(offsets)) for j in range(i, len(offsets))}
+        return _interpolate(inputs.tensors, base, _ratio(pairs, len(offsets)))
     shape = base.shape
-    # (R, n): one angle per row with filter_wise, else one for the whole tensor (R = 1)
-    per_row = inputs.params["filter_wise"] and base.dim() >= 2
-    view = (-1, shape[-1]) if per_row else (1, -1)
+    view = (-1, shape[-1])  # (R, n): one angle per row
     b = base.reshape(view)
     ws = [t.reshape(view) for t in inputs.tensors]
     offsets = [w - b for w in ws]
     norms = [row_norm(d) for d in offsets]  # (R, 1)
-
     cosines = []
     for i in range(len(offsets)):
         for j in range(i + 1, len(offsets)):
@@ -41,9 +47,57 @@ def model_stock_merge(inputs: MergeInputs) -> torch.Tensor:
     cos = torch.stack(cosines).mean(dim=0)  # (R, 1)
     n = len(ws)
     t = n * cos / (1 + (n - 1) * cos)
-
     mean = sum(ws[1:], ws[0].clone()) / n
     return (t * mean + (1 - t) * b).reshape(shape)
+
+
+def _ratio(pairs: dict[tuple[int, int], float], n: int) -> float:
+    """t = N cos Θ / (1 + (N − 1) cos Θ) from ⟨δ_i, δ_j⟩ for i ≤ j (the i = j entries are ‖δ_i‖²)."""
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            scale = max(math.sqrt(pairs[i, i]) * math.sqrt(pairs[j, j]), 1e-6)
+            cosines.append(min(max(pairs[i, j] / scale, -1.0), 1.0))
+    cos = sum(cosines) / len(cosines)
+    return n * cos / (1 + (n - 1) * cos)
+
+
+def _interpolate(tensors: Sequence[torch.Tensor], base: torch.Tensor, t: float) -> torch.Tensor:
+    mean = sum(tensors[1:], tensors[0].clone()) / len(tensors)
+    return t * mean + (1 - t) * base
+
+
+def model_stock_stream(stream: StreamInputs) -> torch.Tensor:
+    """:func:`model_stock_merge` a slice at a time: the inner products over the blocks
+    :func:`kernels.flat_dot` sums, then the interpolation; ``filter_wise`` rows are independent, so they
+    go through the whole-tensor function a block of rows at a time."""
+    n = stream.base.numel()
+    out = torch.empty(n, dtype=stream.out_dtype)
+    if stream.params["filter_wise"] and len(stream.shape) >= 2:
+        width = stream.shape[-1]
+        rows = max(1, gta.CHUNK // width) * width
+        for start in range(0, n, rows):
+            part = slice(start, start + rows)
+            block = MergeInputs(
+                tensors=[stream.widen(t[part]).view(-1, width) for t in stream.tensors],
+                base=stream.widen(stream.base[part]).view(-1, width),
+                params=stream.params,
+            )
+            out[part] = model_stock_merge(block).reshape(-1)
+        return out
+    count = len(stream.tensors)
+    pairs = dict.fromkeys(((i, j) for i in range(count) for j in range(i, count)), 0.0)
+    for start in range(0, n, kernels.REDUCE_BLOCK):
+        part = slice(start, start + kernels.REDUCE_BLOCK)
+        base = stream.widen(stream.base[part])
+        offsets = [stream.widen(t[part]) - base for t in stream.tensors]
+        for i, j in pairs:
+            pairs[i, j] += float((offsets[i] * offsets[j]).sum())
+    t = _ratio(pairs, count)
+    for start in range(0, n, gta.CHUNK):
+        part = slice(start, start + gta.CHUNK)
+        out[part] = _interpolate([stream.widen(x[part]) for x in stream.tensors], stream.widen(stream.base[part]), t)
+    return out
 
 
 MODEL_STOCK = Operator(
@@ -54,4 +108,5 @@ MODEL_STOCK = Operator(
     min_models=2,
     summary="Interpolate from the base towards the mean of the fine-tunes by a ratio set by their angle.",
     paper="https://arxiv.org/abs/2403.19522",
+    stream=model_stock_stream,
 )

@@ -17,15 +17,36 @@ from __future__ import annotations
 
 import torch
 
-from .base import MergeInputs, Operator, Param
+from . import gta, kernels
+from .base import MergeInputs, Operator, Param, StreamInputs
 from .checks import interval
-from .kernels import slerp_flat
+from .kernels import slerp_coefficients, slerp_flat
 
 
 def slerp_merge(inputs: MergeInputs) -> torch.Tensor:
     if inputs.base is None:
         raise ValueError("slerp needs a base tensor")
     return slerp_flat(float(inputs.params["t"]), inputs.base, inputs.tensors[0])
+
+
+def slerp_stream(stream: StreamInputs) -> torch.Tensor:
+    """:func:`slerp_merge` reading the two inputs twice, a slice at a time: once for the norms and the
+    inner product (the same blocks :func:`kernels.flat_dot` sums), once for the interpolation."""
+    base, other = stream.base, stream.tensors[0]
+    n = base.numel()
+    norm0_sq = norm1_sq = dot = 0.0
+    for start in range(0, n, kernels.REDUCE_BLOCK):
+        part = slice(start, start + kernels.REDUCE_BLOCK)
+        v0, v1 = stream.widen(base[part]), stream.widen(other[part])
+        norm0_sq += float((v0 * v0).sum())
+        norm1_sq += float((v1 * v1).sum())
+        dot += float((v0 * v1).sum())
+    s0, s1 = slerp_coefficients(float(stream.params["t"]), norm0_sq, norm1_sq, dot)
+    out = torch.empty(n, dtype=stream.out_dtype)
+    for start in range(0, n, gta.CHUNK):
+        part = slice(start, start + gta.CHUNK)
+        out[part] = s0 * stream.widen(base[part]) + s1 * stream.widen(other[part])
+    return out
 
 
 SLERP = Operator(
@@ -37,4 +58,5 @@ SLERP = Operator(
     max_models=1,
     summary="Spherical interpolation between the base and one other model.",
     paper="https://doi.org/10.1145/325165.325242",
+    stream=slerp_stream,
 )

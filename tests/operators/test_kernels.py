@@ -213,3 +213,17 @@ def test_uniform_floats_are_exact_float32_uniforms() -> None:
     again = uniform_floats(generator_for(3, "w"), 1_000_001).double().numpy()
     assert np.array_equal(u, again)
     assert not np.array_equal(u, uniform_floats(generator_for(3, "v"), 1_000_001).double().numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_della_row_ranks_equal_torchs_stable_argsort(seed: int) -> None:
+    from gift_merge.operators.kernels import _stable_row_ranks
+
+    g = torch.Generator().manual_seed(seed)
+    rows = (torch.randn(37, 301, generator=g) * 1e-3).bfloat16().float().abs()  # bf16: many equal values
+    rows[3, 10:20] = 0.0
+    rows[5, ::7] = float("nan")
+    rows[6] = 0.25  # a row of one value: ranks by index
+    order = torch.argsort(rows, dim=1, stable=True)
+    expected = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order))
+    assert torch.equal(_stable_row_ranks(rows.numpy()), expected)
