@@ -201,3 +201,13 @@ def test_unavailable_device_and_offline_hub_fail_cleanly(tmp_path: Path, llama: 
     result = CliRunner().invoke(main, ["validate", str(hub)], env={"HF_HUB_OFFLINE": "1"})
     assert result.exit_code == 2
     assert "some-org/not-on-this-machine" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_cli_loads_without_torch() -> None:
+    """`gift-merge --help` (and every command's parsing) must not wait for torch's import."""
+    import subprocess
+    import sys
+
+    code = "import sys, gift_merge.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False False"

@@ -11,8 +11,26 @@ module, how much of the delta's energy the chosen rank keeps.
 
 from __future__ import annotations
 
-from gift_merge.extract.options import ExtractOptions
-from gift_merge.extract.report import ExtractionReport
-from gift_merge.extract.run import extract_lora
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gift_merge.extract.options import ExtractOptions
+    from gift_merge.extract.report import ExtractionReport
+    from gift_merge.extract.run import extract_lora
 
 __all__ = ["ExtractOptions", "ExtractionReport", "extract_lora"]
+
+# Loaded on first use: the CLI imports this package for its command, and `gift-merge --help` should
+# not wait for torch.
+_HOMES = {
+    "ExtractOptions": "gift_merge.extract.options",
+    "ExtractionReport": "gift_merge.extract.report",
+    "extract_lora": "gift_merge.extract.run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'gift_merge.extract' has no attribute {name!r}")
