@@ -142,3 +142,34 @@ def test_pickled_weights_need_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for name, tensor in tensors.items():
         assert reader.info(name).shape == tuple(tensor.shape)
         assert torch.equal(reader.read(name), tensor)
+
+
+def test_reader_views_the_file_and_never_writes_to_it(tmp_path: Path) -> None:
+    """Tensors are views of a private map: what safetensors saved, and in-place writes stay in memory."""
+    import hashlib
+
+    tensors = random_tensors(3)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    before = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    reader = CheckpointReader(tmp_path)
+    for name, expected in tensors.items():
+        got = reader.read(name)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+        if got.numel():
+            got.fill_(0)  # a stray in-place write
+    assert hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest() == before
+    fresh = CheckpointReader(tmp_path)
+    assert all(torch.equal(fresh.read(n), t) for n, t in tensors.items())
+
+
+def test_reader_rejects_a_tensor_whose_bytes_do_not_match_its_shape(tmp_path: Path) -> None:
+    save_file({"w": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["w"]["shape"] = [4, 5]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+    with pytest.raises(GiftMergeError, match="tensor w has 64 bytes, its shape and dtype need 80"):
+        CheckpointReader(tmp_path)

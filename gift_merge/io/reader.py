@@ -1,12 +1,15 @@
 """Lazy, read-only access to safetensors checkpoints, single-file or sharded.
 
 Only the headers are parsed up front (a few kilobytes per shard), so a plan over a 70B model costs
-nothing; tensor bytes are copied out of a memory map one tensor at a time when a job asks for them.
+nothing. A tensor is a view of its shard's memory map, made when a job asks for it: no copy, and its
+pages are the kernel's page cache, not the process's own memory. The map is private (copy-on-write), so
+even a stray in-place write could never reach the file.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import threading
@@ -14,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from gift_merge.errors import GiftMergeError
 
@@ -55,6 +57,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int | None = None  # of the first byte in the file (safetensors); None for pickled weights
 
     @property
     def numel(self) -> int:
@@ -70,6 +73,11 @@ class TensorInfo:
 
 def read_header(file: Path) -> dict[str, dict]:
     """The JSON header of one safetensors file (tensor name → dtype, shape, offsets)."""
+    return _read_header(file)[0]
+
+
+def _read_header(file: Path) -> tuple[dict[str, dict], int]:
+    """The header and where the tensor bytes start (8 + the header's length)."""
     try:
         with open(file, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
@@ -79,7 +87,7 @@ def read_header(file: Path) -> dict[str, dict]:
     except (OSError, ValueError, struct.error) as exc:
         raise GiftMergeError(f"{file}: not a readable safetensors file ({exc})") from exc
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + length
 
 
 class CheckpointReader:
@@ -89,7 +97,7 @@ class CheckpointReader:
         self.folder = Path(folder)
         self._pickled_files: dict[Path, dict[str, torch.Tensor]] = {}
         self._infos = self._scan()
-        self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
 
     def _scan(self) -> dict[str, TensorInfo]:
@@ -122,13 +130,20 @@ class CheckpointReader:
         for file in files:
             if not file.is_file():
                 raise GiftMergeError(f"{index}: shard {file.name} is missing")
-            for name, entry in read_header(file).items():
+            header, data_start = _read_header(file)
+            for name, entry in header.items():
                 dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
                 if dtype is None:
                     raise GiftMergeError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}")
                 if weight_map and weight_map.get(name) != file.name:
                     continue  # the index is authoritative where shards overlap
-                infos[name] = TensorInfo(name, tuple(entry["shape"]), dtype, file)
+                begin, end = entry["data_offsets"]
+                info = TensorInfo(name, tuple(entry["shape"]), dtype, file, data_start + begin)
+                if end - begin != info.nbytes:
+                    raise GiftMergeError(
+                        f"{file}: tensor {name} has {end - begin} bytes, its shape and dtype need {info.nbytes}"
+                    )
+                infos[name] = info
         missing = set(weight_map) - set(infos)
         if missing:
             raise GiftMergeError(f"{index}: tensor {sorted(missing)[0]} is listed but not in its shard")
@@ -163,19 +178,33 @@ class CheckpointReader:
             raise GiftMergeError(f"{self.folder}: no tensor named {name}") from None
 
     def read(self, name: str) -> torch.Tensor:
-        """Copy one tensor out of its memory-mapped shard."""
+        """One tensor, as a view of its shard's private memory map."""
         info = self.info(name)
         if info.file in self._pickled_files:
             return self._pickled_files[info.file][name].clone()
-        try:
-            with self._lock:
-                handle = self._handles.get(info.file)
-                if handle is None:
-                    handle = safe_open(str(info.file), framework="pt", device="cpu")
-                    self._handles[info.file] = handle
-            return handle.get_tensor(name)  # type: ignore[attr-defined]
-        except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
-            raise GiftMergeError(f"{info.file}: cannot read tensor {name} ({exc})") from exc
+        assert info.offset is not None
+        mapped = self._map(info.file)
+        if info.offset + info.nbytes > len(mapped):
+            raise GiftMergeError(
+                f"{info.file}: cannot read tensor {name} (the file ends at byte {len(mapped)}, "
+                f"the tensor at {info.offset + info.nbytes}: truncated?)"
+            )
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        flat = torch.frombuffer(mapped, dtype=info.dtype, count=info.numel, offset=info.offset)
+        return flat.view(info.shape)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        with self._lock:
+            mapped = self._maps.get(file)
+            if mapped is None:
+                try:
+                    with open(file, "rb") as handle:
+                        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as exc:
+                    raise GiftMergeError(f"{file}: cannot map for reading ({exc})") from exc
+                self._maps[file] = mapped
+            return mapped
 
     @property
     def total_bytes(self) -> int:
