@@ -8,8 +8,7 @@ The public names are imported on first use, so ``gift-merge --help`` and ``valid
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gift_merge.lazy import lazy_getattr
 
 __all__ = ["OPERATORS", "GiftMergeError", "MergeOptions", "load_recipe", "plan_recipe", "run_recipe"]
 __version__ = "0.1.0"
@@ -24,7 +23,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'gift_merge' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _HOMES)

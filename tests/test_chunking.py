@@ -23,19 +23,34 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
 
 
+Patches = dict[tuple[object, str], object]
+
+
+def outputs_under(
+    settings: dict[str, Patches], recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, dict[str, str]]:
+    """Run ``recipe`` once per label with those module attributes patched: each output's shard digests."""
+    outputs = {}
+    for label, patches in settings.items():
+        for (module, attribute), value in patches.items():
+            monkeypatch.setattr(module, attribute, value)
+        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q"])
+        assert result.exit_code == 0, result.output
+        outputs[label] = digest(tmp_path / label)
+    return outputs
+
+
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_chunked_elementwise_path_is_bit_identical(
     tmp_path: Path, llama: dict[str, Path], method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPES[method].format(**llama))
-    outputs = {}
-    for label, (start, chunk) in {"whole": (1 << 62, 1 << 19), "chunked": (1, 777)}.items():
-        monkeypatch.setattr(execute, "_CHUNK_FROM", start)
-        monkeypatch.setattr(execute, "ELEMENTWISE_CHUNK", chunk)
-        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q"])
-        assert result.exit_code == 0, result.output
-        outputs[label] = digest(tmp_path / label)
+    settings: dict[str, Patches] = {
+        "whole": {(execute, "_CHUNK_FROM"): 1 << 62, (execute, "ELEMENTWISE_CHUNK"): 1 << 19},
+        "chunked": {(execute, "_CHUNK_FROM"): 1, (execute, "ELEMENTWISE_CHUNK"): 777},
+    }
+    outputs = outputs_under(settings, recipe, tmp_path, monkeypatch)
     assert outputs["whole"] == outputs["chunked"]
 
 
@@ -50,12 +65,8 @@ def test_chunked_task_arithmetic_stage_is_bit_identical(
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(GTA.format(method=method, **llama))
-    outputs = {}
-    for label, chunk in {"whole": 1 << 62, "chunked": 333}.items():
-        monkeypatch.setattr(gta, "CHUNK", chunk)
-        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q"])
-        assert result.exit_code == 0, result.output
-        outputs[label] = digest(tmp_path / label)
+    settings: dict[str, Patches] = {"whole": {(gta, "CHUNK"): 1 << 62}, "chunked": {(gta, "CHUNK"): 333}}
+    outputs = outputs_under(settings, recipe, tmp_path, monkeypatch)
     assert outputs["whole"] == outputs["chunked"]
 
 
@@ -103,16 +114,13 @@ def test_streamed_trims_are_bit_identical(
     recipe.write_text(text.format(**llama))
     import gift_merge.operators.kernels as kernels
 
-    outputs = {}
+    monkeypatch.setattr(kernels, "_SAMPLE", 32)
     # streamed, the magnitude cuts also take the sampled selection (introselect when whole)
-    for label, (start, chunk, guess_from) in {"whole": (1 << 62, 1 << 18, 1 << 62), "streamed": (1, 1000, 64)}.items():
-        monkeypatch.setattr(execute, "_CHUNK_FROM", start)
-        monkeypatch.setattr(gta, "CHUNK", chunk)
-        monkeypatch.setattr(kernels, "_GUESS_FROM", guess_from)
-        monkeypatch.setattr(kernels, "_SAMPLE", 32)
-        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q"])
-        assert result.exit_code == 0, result.output
-        outputs[label] = digest(tmp_path / label)
+    settings: dict[str, Patches] = {
+        "whole": {(execute, "_CHUNK_FROM"): 1 << 62, (gta, "CHUNK"): 1 << 18, (kernels, "_GUESS_FROM"): 1 << 62},
+        "streamed": {(execute, "_CHUNK_FROM"): 1, (gta, "CHUNK"): 1000, (kernels, "_GUESS_FROM"): 64},
+    }
+    outputs = outputs_under(settings, recipe, tmp_path, monkeypatch)
     assert outputs["whole"] == outputs["streamed"]
 
 
@@ -156,13 +164,13 @@ def test_streamed_global_statistics_are_bit_identical(
     real_path = execute._Readers.path
     paths: list[str] = []
     monkeypatch.setattr(execute._Readers, "path", lambda self, job: paths.append(real_path(self, job)) or paths[-1])
+    settings: dict[str, Patches] = {
+        "whole": {(execute, "_CHUNK_FROM"): 1 << 62, (gta, "CHUNK"): 1 << 18},
+        "streamed": {(execute, "_CHUNK_FROM"): 1, (gta, "CHUNK"): 1000},
+    }
     outputs = {}
-    for label, (start, chunk) in {"whole": (1 << 62, 1 << 18), "streamed": (1, 1000)}.items():
-        monkeypatch.setattr(execute, "_CHUNK_FROM", start)
-        monkeypatch.setattr(gta, "CHUNK", chunk)
+    for label, patches in settings.items():
         paths.clear()
-        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q"])
-        assert result.exit_code == 0, result.output
+        outputs |= outputs_under({label: patches}, recipe, tmp_path, monkeypatch)
         assert ("stream" in paths) == (label == "streamed")
-        outputs[label] = digest(tmp_path / label)
     assert outputs["whole"] == outputs["streamed"]

@@ -11,8 +11,9 @@ module, how much of the delta's energy the chosen rank keeps.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gift_merge.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from gift_merge.extract.options import ExtractOptions
@@ -30,7 +31,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'gift_merge.extract' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _HOMES)

@@ -13,9 +13,7 @@ Heavy modules (torch, transformers, peft) load on first use, so the CLI starts f
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from gift_merge.lazy import lazy_getattr
 from gift_merge.train.config import AnnotateConfig, TrainConfig
 
 __all__ = ["AnnotateConfig", "TrainConfig", "annotate", "train"]
@@ -23,7 +21,4 @@ __all__ = ["AnnotateConfig", "TrainConfig", "annotate", "train"]
 _HOMES = {"annotate": "gift_merge.train.annotation", "train": "gift_merge.train.loop"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'gift_merge.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _HOMES)
