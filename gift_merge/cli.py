@@ -84,6 +84,7 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
     from gift_merge.io.sizes import parse_size
     from gift_merge.merge import MergeOptions, run_recipe
     from gift_merge.recipe import load_recipe
+    from gift_merge.recipe.schema import TrainStage
 
     reuse_large_buffers()
     quiet = quiet_here or ctx.obj["quiet"]
@@ -96,9 +97,11 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
         workers=workers,
         intermediate_dir=intermediate_dir,
     )
-    destination = run_recipe(load_recipe(recipe), out, options)
+    loaded = load_recipe(recipe)
+    destination = run_recipe(loaded, out, options)
     if not quiet:
-        click.echo(f"merged model written to {destination}")
+        what = "adapter" if isinstance(loaded.final, TrainStage) else "merged model"
+        click.echo(f"{what} written to {destination}")
 
 
 def _check_device(device: str) -> str:

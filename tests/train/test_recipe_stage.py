@@ -186,3 +186,16 @@ def test_pipeline_with_annotation_validates_and_plans(tiny: dict[str, Path], tmp
     result = CliRunner().invoke(main, ["plan", str(recipe)])
     assert result.exit_code == 0
     assert f"# stage adapter: train gift LoRA (r 4, alpha 8) on {tiny['base']}" in result.output
+
+
+def test_a_recipe_that_only_trains_writes_the_adapter_to_out(
+    tiny: dict[str, Path], annotated: Path, tmp_path: Path
+) -> None:
+    text = f"train:\n  base: {tiny['base']}\n  data: {annotated}\n{TRAIN_OPTIONS}  epochs: 1\n"
+    recipe = write(tmp_path, text)
+    result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / "adapter")])
+    assert result.exit_code == 0, result.output
+    assert f"adapter written to {tmp_path / 'adapter'}" in result.output
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    again = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / "adapter")])
+    assert again.exit_code == 2 and "--overwrite" in again.output  # an existing output is never replaced silently
