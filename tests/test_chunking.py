@@ -115,6 +115,7 @@ def test_streamed_trims_are_bit_identical(
     import gift_merge.operators.kernels as kernels
 
     monkeypatch.setattr(kernels, "_SAMPLE", 32)
+    monkeypatch.setattr(kernels, "REDUCE_BLOCK", 96)  # L1 norms over many blocks, a short last one
     # streamed, the magnitude cuts also take the sampled selection (introselect when whole)
     settings: dict[str, Patches] = {
         "whole": {(execute, "_CHUNK_FROM"): 1 << 62, (gta, "CHUNK"): 1 << 18, (kernels, "_GUESS_FROM"): 1 << 62},
@@ -174,3 +175,22 @@ def test_streamed_global_statistics_are_bit_identical(
         outputs |= outputs_under({label: patches}, recipe, tmp_path, monkeypatch)
         assert ("stream" in paths) == (label == "streamed")
     assert outputs["whole"] == outputs["streamed"]
+
+
+def test_streamed_dare_rescale_sums_the_same_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed DARE factor (no |δ| buffer) equals, as a float, the one the whole-tensor path computes."""
+    import torch
+
+    import gift_merge.operators.gta as gta
+    import gift_merge.operators.kernels as kernels
+    from gift_merge.operators.base import StreamInputs
+
+    monkeypatch.setattr(kernels, "REDUCE_BLOCK", 96)
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(20_001, generator=g)  # float32 with full mantissas, so block sums do round
+    tuned = base + torch.randn(20_001, generator=g) * 1e-2
+    keep = torch.rand(20_001, generator=g) < 0.4
+    stream = StreamInputs(tensors=[tuned], base=base, widen=lambda t: t.float(), out_dtype=torch.float32)
+    delta = tuned.float() - base.float()
+    whole = kernels.l1_factor(kernels.blocked_sum(delta.abs()), kernels.blocked_sum((delta * keep).abs()))
+    assert gta._kept_l1_factor(stream, tuned, keep) == whole

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import kernels
 from .base import MergeInputs, Param, StreamInputs
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
-from .kernels import consensus_sum, kth_largest, kth_largest_and_count, random_keep, task_vectors
+from .kernels import blocked_sum, consensus_sum, kth_largest, kth_largest_and_count, random_keep, task_vectors
 from .kernels import l1_factor as rescale_factor
 
 Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, np.random.Generator | None], torch.Tensor]
@@ -157,11 +158,11 @@ def l1_factor(magnitude: torch.Tensor, keep: torch.Tensor) -> float | None:
     Consumes ``magnitude`` (masked in place, slice by slice, with float masks): every caller is done with
     it, and a tensor-sized product with a bool mask costs ~10× the two sums.
     """
-    before = float(magnitude.sum())
+    before = blocked_sum(magnitude)
     for start in range(0, magnitude.numel(), CHUNK):
         part = slice(start, start + CHUNK)
         magnitude[part].mul_(keep[part].to(magnitude.dtype))
-    return rescale_factor(before, float(magnitude.sum()))
+    return rescale_factor(before, blocked_sum(magnitude))
 
 
 def magnitude_cut(
@@ -210,9 +211,19 @@ def random_cut(
         keep[part] = random_keep(stream.generator, len(range(n)[part]), density)
     if density >= 1:
         return None
-    magnitude = magnitudes(stream, tensor) if rescale else None
-    keep = keep.to(magnitude.device if magnitude is not None else stream.base.device)
-    return KeepMask(keep, l1_factor(magnitude, keep) if magnitude is not None else None)
+    factor = _kept_l1_factor(stream, tensor, keep) if rescale else None
+    return KeepMask(keep.to(stream.base.device), factor)
+
+
+def _kept_l1_factor(stream: StreamInputs, tensor: torch.Tensor, keep: torch.Tensor) -> float | None:
+    """:func:`l1_factor` without a |δ| buffer: both norms summed block by block as |δ| is formed."""
+    before = after = 0.0
+    for start in range(0, stream.base.numel(), kernels.REDUCE_BLOCK):
+        part = slice(start, start + kernels.REDUCE_BLOCK)
+        magnitude = (stream.widen(tensor[part]) - stream.widen(stream.base[part])).abs_()
+        before += float(magnitude.sum())
+        after += float(magnitude.mul_(keep[part].to(device=magnitude.device, dtype=magnitude.dtype)).sum())
+    return rescale_factor(before, after)
 
 
 def gta_stream(stream: StreamInputs, cut: CutBuilder, consensus: bool) -> torch.Tensor:

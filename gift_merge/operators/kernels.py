@@ -55,6 +55,19 @@ def flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return total
 
 
+def blocked_sum(x: torch.Tensor) -> float:
+    """Σ x over all entries, summed as :func:`flat_dot` sums: float32 blocks, added in float64.
+
+    The L1 norms of the rescale go through here, so a streamed pass that meets the blocks one slice at
+    a time (and never holds |δ| whole) gets the same factor as the whole-tensor path.
+    """
+    flat = x.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), REDUCE_BLOCK):
+        total += float(flat[start : start + REDUCE_BLOCK].sum())
+    return total
+
+
 def flat_norm(a: torch.Tensor) -> float:
     """‖a‖₂ over all entries."""
     return math.sqrt(flat_dot(a, a))
@@ -335,11 +348,11 @@ def masked(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tens
     Sparsifiers own their task vectors, so masking them in place saves a tensor-sized copy per model.
     A dropped entry becomes ±0, which never counts as a sign.
     """
-    before = float(delta.abs().sum()) if rescale else 0.0
+    before = blocked_sum(delta.abs()) if rescale else 0.0
     kept = delta.mul_(mask.to(delta.dtype))  # an in-place product with a bool tensor is ~10× slower
     if not rescale:
         return kept
-    factor = l1_factor(before, float(kept.abs().sum()))
+    factor = l1_factor(before, blocked_sum(kept.abs()))
     return kept if factor is None else kept.mul_(factor)
 
 
@@ -352,10 +365,10 @@ def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Multiply ``kept`` by ‖δ‖₁/‖kept‖₁ (mergekit's ``RescaleNorm.l1``).
 
     This is an exact per-tensor norm match, not the papers' 1/ρ (equal only in expectation). Skipped when
-    either norm is below 1e-7, where the ratio would be noise. (``sum``, not ``vector_norm(ord=1)``, which
-    is 0.5 % off on large CPU tensors; see the reductions above.)
+    either norm is below 1e-7, where the ratio would be noise. (Blocked sums, not ``vector_norm(ord=1)``,
+    which is 0.5 % off on large CPU tensors; see the reductions above.)
     """
-    factor = l1_factor(float(delta.abs().sum()), float(kept.abs().sum()))
+    factor = l1_factor(blocked_sum(delta.abs()), blocked_sum(kept.abs()))
     return kept if factor is None else kept * factor
 
 
