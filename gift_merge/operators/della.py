@@ -33,7 +33,7 @@ import torch
 from .base import MergeInputs, Operator, Param, StreamInputs
 from .checks import interval
 from .gta import KeepMask, gta_merge, gta_params, gta_stream, l1_factor, magnitudes
-from .kernels import bernoulli_mask, della_keep_probabilities, masked, uniform_like
+from .kernels import bernoulli_mask, della_keep_probabilities, masked, skip_draws
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -52,7 +52,7 @@ def magprune_cut(
     """:func:`magprune` for streaming: the same draws and mask, built on the |δ| buffer."""
     density = float(model_params["density"])
     if density >= 1:
-        uniform_like(torch.empty(stream.shape), stream.generator)  # consume the draw, as magprune does
+        skip_draws(stream.generator, stream.base.numel())  # as magprune does
         return None
     magnitude = magnitudes(stream, tensor)
     probs = della_keep_probabilities(magnitude.view(stream.shape), density, float(model_params["epsilon"]))
@@ -67,7 +67,7 @@ def magprune(
     """Drop entries with probability 1 − p, p rising linearly with the entry's |δ| rank in its row."""
     density = float(model_params["density"])
     if density >= 1:
-        uniform_like(delta, generator)  # consume this model's draw so later models' masks do not move
+        skip_draws(generator, delta.numel())
         return delta
     probs = della_keep_probabilities(delta, density, float(model_params["epsilon"]))
     return masked(delta, bernoulli_mask(probs, generator), rescale)

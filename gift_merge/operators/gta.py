@@ -27,7 +27,7 @@ import torch
 from . import kernels
 from .base import MergeInputs, Param, StreamInputs
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
-from .kernels import blocked_sum, consensus_sum, kth_largest, kth_largest_and_count, random_keep, task_vectors
+from .kernels import blocked_sum, consensus_sum, cut_mask, cut_of, random_keep, skip_draws, task_vectors
 from .kernels import l1_factor as rescale_factor
 
 Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, np.random.Generator | None], torch.Tensor]
@@ -177,20 +177,11 @@ def magnitude_cut(
     if k <= 0:
         return _MagnitudeCut(math.inf, 0, None)
     magnitude = magnitudes(stream, tensor)
-    if not rescale and magnitude.device.type == "cpu":
-        # Nothing below needs |δ| in index order (the tie count is a count), so select in place and save
-        # the tensor-sized copy a partition would make; the k-th largest value is the same either way.
-        value, above = kth_largest_and_count(magnitude.numpy(), k, in_place=True)
-        threshold = torch.tensor(value, dtype=magnitude.dtype)
-    else:
-        threshold = kth_largest(magnitude, k)
-        above = int(torch.count_nonzero(magnitude > threshold))
+    # Without a rescale nothing below needs |δ| in index order (the tie count is a count), so the selection
+    # may reorder it in place and save the tensor-sized copy a partition would make.
+    threshold, above = cut_of(magnitude, k, in_place=not rescale)
     ties = k - above
-    factor = None
-    if rescale:
-        keep = magnitude > threshold
-        keep[torch.nonzero(magnitude == threshold).squeeze(1)[:ties]] = True
-        factor = l1_factor(magnitude, keep)
+    factor = l1_factor(magnitude, cut_mask(magnitude, threshold, above, k)) if rescale else None
     return _MagnitudeCut(float(threshold), ties, factor)
 
 
@@ -203,14 +194,15 @@ def random_cut(
     n = stream.base.numel()
     # drawn slice by slice (even lengths, so the same raw outputs land on the same entries as one whole
     # draw): small temporaries stay in cache, where a tensor-sized draw pays a page fault every 1,024 floats
+    if density >= 1:
+        skip_draws(stream.generator, n)
+        return None
     if CHUNK % 2:
         raise ValueError(f"gta.CHUNK must be even to draw slice by slice, got {CHUNK}")
     keep = torch.empty(n, dtype=torch.bool)
     for start in range(0, n, CHUNK):
         part = slice(start, start + CHUNK)
         keep[part] = random_keep(stream.generator, len(range(n)[part]), density)
-    if density >= 1:
-        return None
     factor = _kept_l1_factor(stream, tensor, keep) if rescale else None
     return KeepMask(keep.to(stream.base.device), factor)
 

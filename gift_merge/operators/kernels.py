@@ -185,18 +185,29 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    threshold, above = cut_of(flat, k)
+    return cut_mask(flat, threshold, above, k).view(scores.shape)
+
+
+def cut_of(flat: torch.Tensor, k: int, *, in_place: bool = False) -> tuple[torch.Tensor, int]:
+    """The k-th largest entry of a 1-D tensor (0-d, on its device) and how many entries exceed it.
+
+    ``in_place`` lets the CPU selection reorder ``flat`` when the caller no longer needs its order.
+    """
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        value, above = kth_largest_and_count(flat.detach().numpy(), k)
-        threshold = torch.tensor(value, dtype=flat.dtype)
-    else:
-        threshold = kth_largest(flat, k)
-        above = int(torch.count_nonzero(flat > threshold))
+        value, above = kth_largest_and_count(flat.detach().numpy(), k, in_place=in_place)
+        return torch.tensor(value, dtype=flat.dtype), above
+    threshold = kth_largest(flat, k)
+    return threshold, int(torch.count_nonzero(flat > threshold))
+
+
+def cut_mask(flat: torch.Tensor, threshold: torch.Tensor, above: int, k: int) -> torch.Tensor:
+    """The entries above ``threshold`` plus, in index order, the first ``k − above`` equal to it."""
     mask = flat > threshold
     if above == k:  # no tie crosses the cut
-        return mask.view(scores.shape)
-    # Ties cross the cut (common in bf16 checkpoints, whose deltas repeat values): keep the entries above
-    # the threshold and the first `need` tied ones in index order. nonzero lists the tied positions in
-    # order, far cheaper than an int64 cumsum over the whole tensor.
+        return mask
+    # Ties cross the cut (common in bf16 checkpoints, whose deltas repeat values). nonzero lists the tied
+    # positions in order, far cheaper than an int64 cumsum over the whole tensor.
     need = k - above
     equal = flat == threshold
     if equal.device.type == "cpu":  # numpy's flatnonzero is ~5× faster than torch.nonzero on the CPU
@@ -204,7 +215,7 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     else:
         tied = torch.nonzero(equal).squeeze(1)[:need]
     mask[tied] = True
-    return mask.view(scores.shape)
+    return mask
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -235,6 +246,14 @@ def _raw_draws(generator: np.random.Generator | None, count: int) -> np.ndarray:
     if generator is None:
         raise ValueError("a random merge operator needs MergeInputs.generator (see generator_for)")
     return generator.bit_generator.random_raw((count + 1) // 2).view(np.uint32)[:count]
+
+
+def skip_draws(generator: np.random.Generator | None, count: int) -> None:
+    """Advance ``generator`` exactly as ``count`` draws would (a model that keeps everything still uses up
+    its draw, so later models' masks do not move), without making them."""
+    if generator is None:
+        raise ValueError("a random merge operator needs MergeInputs.generator (see generator_for)")
+    generator.bit_generator.advance((count + 1) // 2)  # type: ignore[attr-defined]  # generator_for: PCG64DXSM
 
 
 def uniform_floats(generator: np.random.Generator | None, count: int) -> torch.Tensor:
@@ -272,7 +291,7 @@ def uniform_like(tensor: torch.Tensor, generator: np.random.Generator | None) ->
 def random_drop_mask(delta: torch.Tensor, density: float, generator: np.random.Generator | None) -> torch.Tensor:
     """DARE: keep each entry independently with probability ρ (m ~ Bernoulli(ρ), as u < ρ; see :func:`random_keep`).
 
-    The uniform draw happens even when ρ ≥ 1 so that every model consumes the same amount of the
+    The draw happens even when ρ ≥ 1 so that every model consumes the same amount of the
     generator: one model's density never changes another model's mask.
     """
     return random_keep(generator, delta.numel(), density).view(delta.shape).to(delta.device)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.extract.lowrank_models import layer_matrix, make_tuned, vector, vocab_matrix
+from tests.threads import one_torch_thread
 
 ARCHS = ("llama", "qwen2", "gpt2")
 RANK = 4
@@ -16,11 +17,8 @@ RANK = 4
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    """Tiny matrices: on a busy CI box, intra-op threads spin-wait far longer than they compute (4× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

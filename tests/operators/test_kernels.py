@@ -227,3 +227,13 @@ def test_della_row_ranks_equal_torchs_stable_argsort(seed: int) -> None:
     order = torch.argsort(rows, dim=1, stable=True)
     expected = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order))
     assert torch.equal(_stable_row_ranks(rows.numpy()), expected)
+
+
+@pytest.mark.parametrize("count", [0, 1, 6, 7])
+def test_skip_draws_advances_exactly_as_drawing(count: int) -> None:
+    from gift_merge.operators.kernels import skip_draws, uniform_floats
+
+    drawn, skipped = generator_for(5, "s"), generator_for(5, "s")
+    uniform_floats(drawn, count)
+    skip_draws(skipped, count)
+    assert torch.equal(uniform_floats(drawn, 9), uniform_floats(skipped, 9))

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+
+from tests.threads import one_torch_thread
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 # 24 short rows of the paper's numina_cot_2k.jsonl, shipped with the recipes that train on it
@@ -17,12 +18,9 @@ MAX_LENGTH = 192  # every prompt fits (≤ 144 tiny-BPE tokens), every response 
 
 @pytest.fixture(scope="package", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core runner OpenMP's spinning threads
-    make them 50× slower; restored when this folder's tests are done."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """For the whole folder; restored when its tests are done."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="package")
