@@ -22,9 +22,6 @@ from gift_merge.errors import GiftMergeError
 from gift_merge.extract.options import peft_pattern_matches
 from gift_merge.io.writer import OutputTensor, _header_bytes  # same header layout as merged checkpoints
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
 
 class AdapterWriter:
     """Collects named tensors in arrival order into one safetensors file, holding none of them.

@@ -18,10 +18,10 @@ from gift_merge.architecture import detect_layout, is_pre_weight
 from gift_merge.errors import GiftMergeError
 from gift_merge.extract.modules import ModelModules, describe_modules, read_config
 from gift_merge.extract.options import ExtractOptions
+from gift_merge.io.adapter import PREFIX
 from gift_merge.io.reader import CheckpointReader
 
 Layout = Literal["linear", "conv1d", "embedding"]
-PREFIX = "base_model.model."  # PeftModel → LoraModel prefix of every adapter tensor name
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 from gift_merge.dtypes import dtype_name
 from gift_merge.errors import GiftMergeError
-from gift_merge.extract.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterWriter, adapter_config
+from gift_merge.extract.adapter import AdapterWriter, adapter_config
 from gift_merge.extract.options import ExtractOptions
-from gift_merge.extract.plan import PREFIX, Dropped, ExtractPlan, LoraJob, SaveJob, plan_extraction
+from gift_merge.extract.plan import Dropped, ExtractPlan, LoraJob, SaveJob, plan_extraction
 from gift_merge.extract.report import ExtractionReport, ModuleRow
 from gift_merge.extract.svd import truncated_svd
+from gift_merge.io.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from gift_merge.io.artifacts import write_json
 from gift_merge.io.locate import locate
 from gift_merge.io.reader import CheckpointReader
@@ -61,7 +62,7 @@ def extract_lora(base: str, tuned: str, out: str | Path, options: ExtractOptions
         saved_modules: list[str] = []
         tying = False
         bar = tqdm(total=plan.steps, unit="module", desc="extract", disable=True if options.quiet else None)
-        with bar, AdapterWriter(folder / ADAPTER_WEIGHTS) as writer:
+        with bar, AdapterWriter(folder / WEIGHTS_NAME) as writer:
             for job in plan.lora:
                 bar.set_postfix_str(job.module, refresh=False)
                 row = _extract_module(job, pair, writer, plan, options)
@@ -91,7 +92,7 @@ def extract_lora(base: str, tuned: str, out: str | Path, options: ExtractOptions
             lora_bias=plan.lora_bias,
             ensure_weight_tying=tying,
         )
-        write_json(folder / ADAPTER_CONFIG, config)
+        write_json(folder / CONFIG_NAME, config)
         write_json(folder / REPORT_NAME, report.to_json())
     return report
 
@@ -143,7 +144,7 @@ def _save_module(job: SaveJob, pair: _Pair, writer: AdapterWriter) -> ModuleRow:
     if all(torch.equal(pair.base.read(t), pair.tuned.read(t)) for t in sources):
         return ModuleRow(" + ".join(job.modules), "unchanged", shape, reason=job.reason)
     for tensor, adapter_name in job.tensors:
-        writer.add(adapter_name, pair.tuned.read(tensor).clone())  # clone: a tied head shares the mmap
+        writer.add(adapter_name, pair.tuned.read(tensor))  # written out at once: a view of the map will do
     return ModuleRow(" + ".join(job.modules), "save", shape, energy_kept=1.0, reason=job.reason)
 
 

@@ -71,13 +71,9 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
-def read_header(file: Path) -> dict[str, dict]:
-    """The JSON header of one safetensors file (tensor name → dtype, shape, offsets)."""
-    return _read_header(file)[0]
-
-
-def _read_header(file: Path) -> tuple[dict[str, dict], int]:
-    """The header and where the tensor bytes start (8 + the header's length)."""
+def read_header(file: Path) -> tuple[dict[str, dict], int]:
+    """The JSON header of one safetensors file (tensor name → dtype, shape, offsets) and where the tensor
+    bytes start (8 + the header's length)."""
     try:
         with open(file, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
@@ -130,7 +126,7 @@ class CheckpointReader:
         for file in files:
             if not file.is_file():
                 raise GiftMergeError(f"{index}: shard {file.name} is missing")
-            header, data_start = _read_header(file)
+            header, data_start = read_header(file)
             for name, entry in header.items():
                 dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
                 if dtype is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +42,15 @@ class Example:
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` for every non-blank line of a JSON Lines file."""
+    rows = list(iter_jsonl(path))
+    if not rows:
+        raise GiftMergeError(f"{path}: no rows")
+    return rows
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`read_jsonl` one row at a time (a check of the first row need not read the file)."""
     path = Path(path)
-    rows = []
     try:
         with path.open(encoding="utf-8") as handle:
             for number, text in enumerate(handle, start=1):
@@ -54,12 +62,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                     raise GiftMergeError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise GiftMergeError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                rows.append((number, row))
-    except OSError as exc:
-        raise GiftMergeError(f"{path}: cannot read ({exc.strerror})") from exc
-    if not rows:
-        raise GiftMergeError(f"{path}: no rows")
-    return rows
+                yield number, row
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GiftMergeError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
 
 
 def file_sha256(path: str | Path) -> str:

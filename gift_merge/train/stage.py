@@ -9,7 +9,7 @@ stage is re-planned against the real adapter, as merge stages are against their 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from gift_merge.errors import GiftMergeError
@@ -18,8 +18,9 @@ from gift_merge.io.adapter import CONFIG_NAME, Patch
 from gift_merge.models import ModelInfo, ModelResolver
 from gift_merge.recipe.schema import TrainStage
 from gift_merge.train.config import TrainConfig
+from gift_merge.train.data import file_sha256, iter_jsonl
 from gift_merge.train.output import PROVENANCE_NAME
-from gift_merge.train.targets import choose_targets, leaf_names_from_tensors
+from gift_merge.train.targets import choose_targets, leaf_names_from_tensors, matrices
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,6 @@ class TrainPlan:
     base: ModelInfo
     targets: list[str]
     patches: dict[str, Patch]  # base weight name → the LoRA patch training will put on it
-    warnings: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         c = self.stage.config
@@ -55,11 +55,7 @@ def plan_training(stage: TrainStage, resolver: ModelResolver) -> TrainPlan:
     shapes = {name: shape for name, (shape, _) in base.tensors.items()}
     targets = choose_targets(leaf_names_from_tensors(shapes), config.targets, base.label, key=f"{where}.targets")
     scale = config.alpha / config.r
-    patches = {
-        name: Patch("lora", name.removesuffix(".weight"), scale)
-        for name, shape in shapes.items()
-        if name.endswith(".weight") and len(shape) == 2 and name.removesuffix(".weight").rsplit(".", 1)[-1] in targets
-    }
+    patches = {f"{module}.weight": Patch("lora", module, scale) for module, leaf in matrices(shapes) if leaf in targets}
     return TrainPlan(stage, base, targets, patches)
 
 
@@ -69,27 +65,13 @@ def _check_data(config: TrainConfig, where: str, *, has_instruct: bool) -> None:
         raise GiftMergeError(f"{where}.data: {path} not found")
     if config.mode != "gift" or has_instruct:
         return
-    first = _first_row(path)
-    if "scores" not in first:
+    first = next(iter_jsonl(path), None)
+    if first is None:
+        raise GiftMergeError(f"{path}: no rows")
+    if "scores" not in first[1]:
         raise GiftMergeError(
             f"{where}: mode gift needs \"scores\" in {path} (first row has none) or an 'instruct' model to annotate it"
         )
-
-
-def _first_row(path: Path) -> dict:
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict):
-                        raise GiftMergeError(f"{path}:{number}: expected a JSON object")
-                    return row
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GiftMergeError(f"{path}: cannot read ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise GiftMergeError(f"{path}: invalid JSON ({exc.msg})") from None
-    raise GiftMergeError(f"{path}: no rows")
 
 
 def stage_config(stage: TrainStage, target: Path, folders: dict[str, Path], *, overwrite: bool) -> TrainConfig:
@@ -117,8 +99,6 @@ def training_is_current(folder: Path, stage: TrainStage) -> bool:
         return False
     if recipe_file.read_text() != stage.text:
         return False
-    from gift_merge.train.data import file_sha256
-
     try:
         recorded = json.loads(provenance.read_text()).get("data_sha256")
     except ValueError:

@@ -7,7 +7,7 @@ through :func:`choose_targets`, so the plan and the trained adapter name the sam
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator, Mapping
 
 from gift_merge.errors import GiftMergeError
 
@@ -52,10 +52,14 @@ def choose_targets(
     )
 
 
-def leaf_names_from_tensors(shapes: dict[str, tuple[int, ...]]) -> set[str]:
-    """Last name component of every module that owns a 2-D ``weight`` (linear layers and embeddings)."""
-    return {
-        name.removesuffix(".weight").rsplit(".", 1)[-1]
-        for name, shape in shapes.items()
-        if name.endswith(".weight") and len(shape) == 2 and "." in name
-    } - {OUTPUT_HEAD}
+def matrices(shapes: Mapping[str, tuple[int, ...]]) -> Iterator[tuple[str, str]]:
+    """``(module, leaf name)`` of every module that owns a 2-D ``weight`` (linear layers and embeddings)."""
+    for name, shape in shapes.items():
+        if name.endswith(".weight") and len(shape) == 2:
+            module = name.removesuffix(".weight")
+            yield module, module.rsplit(".", 1)[-1]
+
+
+def leaf_names_from_tensors(shapes: Mapping[str, tuple[int, ...]]) -> set[str]:
+    """Leaf names of the modules with a 2-D ``weight``, without the output head."""
+    return {leaf for _, leaf in matrices(shapes)} - {OUTPUT_HEAD}
