@@ -6,39 +6,19 @@ one line on stderr and exit code 2 (``--debug`` shows the traceback instead).
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
 from gift_merge.allocator import enable_huge_pages
-from gift_merge.errors import GiftMergeError
+from gift_merge.cli_support import check_device, handle_errors
+from gift_merge.extract.cli import extract_lora_command
+from gift_merge.train.commands import annotate as annotate_command
+from gift_merge.train.commands import train as train_command
 
 enable_huge_pages()  # before anything imports torch: its allocator reads the switch once
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _handle_errors(func: F) -> F:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return func(*args, **kwargs)
-        except GiftMergeError as exc:
-            if debug:
-                raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,7 +56,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
               help="Where earlier stages of a multi-document recipe go [default: OUT-stages].")  # fmt: skip
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar.")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_shard_size: str, overwrite: bool,
         seed: int, workers: int | None, intermediate_dir: Path | None, quiet_here: bool) -> None:  # fmt: skip
     """Merge the models in RECIPE into OUT (or the recipe's `output:`)."""
@@ -89,7 +69,7 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
     reuse_large_buffers()
     quiet = quiet_here or ctx.obj["quiet"]
     options = MergeOptions(
-        device=_check_device(device),
+        device=check_device(device),
         seed=seed,
         max_shard_bytes=parse_size(out_shard_size),
         overwrite=overwrite,
@@ -104,21 +84,9 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
         click.echo(f"{what} written to {destination}")
 
 
-def _check_device(device: str) -> str:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise GiftMergeError(f"--device {device}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GiftMergeError(f"--device {device}: CUDA is not available on this machine")
-    return device
-
-
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@_handle_errors
+@handle_errors
 def validate(recipe: Path) -> None:
     """Check RECIPE and every model it names, reading no weights."""
     from gift_merge.merge import plan_recipe
@@ -134,7 +102,7 @@ def validate(recipe: Path) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@_handle_errors
+@handle_errors
 def plan(recipe: Path) -> None:
     """Print the resolved job of every output tensor."""
     from gift_merge.merge import plan_recipe
@@ -156,7 +124,7 @@ def plan(recipe: Path) -> None:
 
 
 @main.command()
-@_handle_errors
+@handle_errors
 def methods() -> None:
     """List every merge method with its parameters and defaults."""
     from gift_merge.operators import OPERATORS
@@ -175,7 +143,7 @@ def methods() -> None:
 @main.command()
 @click.argument("model")
 @click.option("--revision", default=None, help="Hub revision.")
-@_handle_errors
+@handle_errors
 def inspect(model: str, revision: str | None) -> None:
     """Show MODEL's tensors: names, shapes, dtypes and sizes."""
     from gift_merge.dtypes import dtype_name
@@ -190,13 +158,9 @@ def inspect(model: str, revision: str | None) -> None:
     click.echo(f"# {len(reader.names)} tensors, {count:,} parameters, {reader.total_bytes / 1e9:.3f} GB")
 
 
-# Commands that live with their feature; imported last because they reuse _handle_errors.
-from gift_merge.extract.cli import extract_lora_command  # noqa: E402
-from gift_merge.train.commands import annotate as _annotate_command  # noqa: E402
-from gift_merge.train.commands import train as _train_command  # noqa: E402
-
-main.add_command(_annotate_command)
-main.add_command(_train_command)
+# Commands that live with their feature.
+main.add_command(annotate_command)
+main.add_command(train_command)
 main.add_command(extract_lora_command)
 
 if __name__ == "__main__":

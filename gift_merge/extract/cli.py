@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _handle_errors(func: F) -> F:
-    """``gift_merge.cli._handle_errors``, looked up at call time: that module imports this one last."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from gift_merge.cli import _handle_errors as handle
-
-        return handle(func)(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
+from gift_merge.cli_support import check_device, handle_errors
 
 
 @click.command("extract-lora")
@@ -68,13 +53,12 @@ def _handle_errors(func: F) -> F:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar or table.")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def extract_lora_command(ctx: click.Context, out: Path, base: str, tuned: str, rank: int,
                          rank_patterns: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...],
                          embeddings: str, save_undecomposable: bool, dtype: str | None, svd: str, device: str,
                          seed: int, overwrite: bool, quiet_here: bool) -> None:  # fmt: skip
     """Extract a PEFT LoRA adapter of rank ≤ RANK from TUNED − BASE into OUT."""
-    from gift_merge.cli import _check_device
     from gift_merge.dtypes import parse_dtype
     from gift_merge.extract import ExtractOptions, extract_lora
     from gift_merge.extract.options import parse_rank_pattern
@@ -88,7 +72,7 @@ def extract_lora_command(ctx: click.Context, out: Path, base: str, tuned: str, r
         embeddings=embeddings,  # type: ignore[arg-type]  # click.Choice checked it
         save_undecomposable=save_undecomposable,
         dtype=parse_dtype(dtype, "--dtype") if dtype else None,
-        device=_check_device(device),
+        device=check_device(device),
         svd=svd,  # type: ignore[arg-type]
         seed=seed,
         overwrite=overwrite,

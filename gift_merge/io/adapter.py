@@ -169,14 +169,7 @@ class AdapterReader:
         dtype = weight.dtype
         if not patch.additive:  # relative to this very weight: computed in fp64
             return (self.patched(patch, weight.double()) - weight.double()).to(dtype)
-        if patch.kind in ("lora", "embedding"):
-            a = self.read(patch.a or "").to(device=weight.device, dtype=dtype)  # (r, in) or (r, vocab)
-            b = self.read(patch.b or "").to(device=weight.device, dtype=dtype)  # (out, r) or (dim, r)
-            product = b @ a
-            if patch.kind == "embedding" or patch.fan_in_fan_out:
-                product = product.T  # embeddings and GPT-2 Conv1D store (in, out)
-            return product * patch.scale
-        return self.read(patch.extra or "").to(device=weight.device, dtype=dtype) * patch.scale  # LoRA bias
+        return self.delta_rows(patch, slice(None), weight)
 
     def delta_rows(self, patch: Patch, rows: slice, like: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of an additive patch's delta, in ``like``'s dtype and device.
@@ -187,13 +180,16 @@ class AdapterReader:
         if not patch.additive:
             raise ValueError(f"module {patch.module}: only additive patches can be computed by rows")
         device, dtype = like.device, like.dtype
+
+        def widened(name: str | None, part: tuple[slice, ...]) -> torch.Tensor:
+            return self.read(name or "")[part].to(device=device, dtype=dtype)  # only the part is converted
+
         if patch.kind == "bias":
-            return self.read(patch.extra or "")[rows].to(device=device, dtype=dtype) * patch.scale
-        a = self.read(patch.a or "").to(device=device, dtype=dtype)  # (r, in) or (r, vocab)
-        b = self.read(patch.b or "").to(device=device, dtype=dtype)  # (out, r) or (dim, r)
+            return widened(patch.extra, (rows,)) * patch.scale
         if patch.kind == "embedding" or patch.fan_in_fan_out:
-            return (b @ a[:, rows]).T * patch.scale  # stored (in, out): its rows are columns of B·A
-        return (b[rows] @ a) * patch.scale
+            # stored (in, out) (embeddings, GPT-2 Conv1D): its rows are columns of B·A
+            return (widened(patch.b, (slice(None),)) @ widened(patch.a, (slice(None), rows))).T * patch.scale
+        return (widened(patch.b, (rows,)) @ widened(patch.a, (slice(None),))) * patch.scale  # (out, r) @ (r, in)
 
     def patched(self, patch: Patch, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` after peft's ``merge_and_unload`` of this patch."""

@@ -16,6 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from gift_merge.cli_support import handle_errors
 from gift_merge.train.config import AnnotateConfig, TrainConfig, _Config, field_docs, metavar, train_config_from_yaml
 
 F = Callable[..., Any]
@@ -59,37 +60,22 @@ def _quiet(ctx: click.Context) -> bool:
     return bool(obj.get("quiet")) if isinstance(obj, dict) else False
 
 
-def _guarded(func: F) -> F:
-    """gift-merge's error handling (one line, exit 2), looked up at call time to avoid an import cycle."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        from gift_merge.cli import _handle_errors
-
-        return _handle_errors(func)(*args, **kwargs)
-
-    return call
-
-
 @click.command("annotate")
 @_config_options(AnnotateConfig)
 @click.pass_context
+@handle_errors
 def annotate(ctx: click.Context, **params: Any) -> None:
     """Score every response token with the instruct model: q_t = p(y_t | x, y_<t).
 
     Writes the input rows plus "scores": [[q, q], …] (the GIFT authors' format), one entry per response
     token. A rerun continues an interrupted one.
     """
+    from gift_merge.train.annotation import annotate as annotate_rows
 
-    @_guarded
-    def run() -> None:
-        from gift_merge.train.annotation import annotate as annotate_rows
-
-        config = AnnotateConfig.from_mapping(_explicit(ctx, params))
-        out = annotate_rows(config, quiet=_quiet(ctx))
-        if not _quiet(ctx):
-            click.echo(f"annotated data written to {out}", err=True)
-
-    run()
+    quiet = _quiet(ctx)
+    out = annotate_rows(AnnotateConfig.from_mapping(_explicit(ctx, params)), quiet=quiet)
+    if not quiet:
+        click.echo(f"annotated data written to {out}", err=True)
 
 
 @click.command("train")
@@ -101,6 +87,7 @@ def annotate(ctx: click.Context, **params: Any) -> None:
 )
 @_config_options(TrainConfig)
 @click.pass_context
+@handle_errors
 def train(ctx: click.Context, config_file: Path | None, **params: Any) -> None:
     """Train a GIFT (or plain SFT) LoRA adapter on the base model.
 
@@ -108,18 +95,11 @@ def train(ctx: click.Context, config_file: Path | None, **params: Any) -> None:
     instruct model's probability of the token ("scores" in --data, or annotated first with --instruct).
     Runs data-parallel under torchrun. Writes a PEFT adapter, training_log.jsonl and gift.json.
     """
+    from gift_merge.train.loop import train as train_adapter
 
-    @_guarded
-    def run() -> None:
-        from gift_merge.train.loop import train as train_adapter
-
-        given = _explicit(ctx, params)
-        if config_file is not None:
-            config = train_config_from_yaml(config_file, given)
-        else:
-            config = TrainConfig.from_mapping(given)
-        result = train_adapter(config, quiet=_quiet(ctx))
-        if result.out is not None and not _quiet(ctx):
-            click.echo(f"adapter written to {result.out}", err=True)
-
-    run()
+    given = _explicit(ctx, params)
+    config = train_config_from_yaml(config_file, given) if config_file is not None else TrainConfig.from_mapping(given)
+    quiet = _quiet(ctx)
+    result = train_adapter(config, quiet=quiet)
+    if result.out is not None and not quiet:
+        click.echo(f"adapter written to {result.out}", err=True)
