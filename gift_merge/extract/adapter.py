@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from gift_merge.errors import GiftMergeError
-from gift_merge.extract.options import peft_pattern_matches
+from gift_merge.io.adapter import pattern_key
 from gift_merge.io.writer import OutputTensor, _header_bytes  # same header layout as merged checkpoints
 
 
@@ -105,10 +105,9 @@ def rank_patterns(ranks: dict[str, int], r: int) -> dict[str, int]:
 
 
 def _peft_rank(pattern: dict[str, int], module: str, r: int) -> int:
-    for key, rank in pattern.items():
-        if peft_pattern_matches(key, module):
-            return rank
-    return r
+    """The rank peft gives ``module``: its ``rank_pattern`` entry (by the reader's rule), else ``r``."""
+    key = pattern_key(pattern, module)
+    return pattern[key] if key is not None else r
 
 
 def adapter_config(

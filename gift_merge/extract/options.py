@@ -73,11 +73,6 @@ class ExtractOptions:
         return any(re.search(r, module) for r in self.exclude)
 
 
-def peft_pattern_matches(key: str, module: str) -> bool:
-    """peft's ``get_pattern_key`` rule for ``rank_pattern`` / ``alpha_pattern`` keys."""
-    return re.match(rf"(.*\.)?({key})$", module) is not None
-
-
 def parse_rank_pattern(text: str) -> tuple[str, int]:
     """``'regex=rank'`` → ``(regex, rank)``; the last ``=`` splits, so regexes may contain one.
 

@@ -104,8 +104,8 @@ class AdapterReader:
         cfg = self.config
         rank_pattern: Mapping[str, int] = cfg.get("rank_pattern") or {}
         alpha_pattern: Mapping[str, float] = cfg.get("alpha_pattern") or {}
-        r = rank_pattern[key] if (key := _pattern_key(rank_pattern, module)) is not None else cfg.get("r", rank)
-        alpha = alpha_pattern[key] if (key := _pattern_key(alpha_pattern, module)) is not None else cfg["lora_alpha"]
+        r = rank_pattern[key] if (key := pattern_key(rank_pattern, module)) is not None else cfg.get("r", rank)
+        alpha = alpha_pattern[key] if (key := pattern_key(alpha_pattern, module)) is not None else cfg["lora_alpha"]
         if r != rank:
             raise GiftMergeError(f"{self.folder}: module {module} has rank {rank} in its tensors but {r} in the config")
         return float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
@@ -250,7 +250,7 @@ class AdapterReader:
         return info(patch.extra or "").shape
 
 
-def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     """peft's rule: a key matches a module name as a regex on its dotted suffix; the first match wins."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module):
