@@ -17,12 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from gift_merge.io.adapter import AdapterReader, Patch
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.io.writer import OutputTensor, ShardedWriter
+from gift_merge.lazy import torch
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import MergeInputs, Operator, StreamInputs, generator_for
 from gift_merge.plan import MergePlan, TensorJob, TensorSource
@@ -41,7 +41,7 @@ class _Readers:
         found = self.patch_for(src)
         if src.delta and found is not None and found[1].additive:
             # an additive delta needs only the adapter's factors, not the weight it lands on
-            return found[0].delta(found[1], torch.empty(0, device=device, dtype=job.math_dtype))
+            return found[0].delta(found[1], torch.empty(0, device=device, dtype=job.math_dtype.torch))
         tensor = self.raw(src, job)
         if job.copy:
             return tensor
@@ -81,7 +81,7 @@ class _Readers:
     def rows(self, src: TensorSource, job: TensorJob, rows: slice, device: torch.device) -> torch.Tensor:
         """Rows of an input, widened to the math dtype, with its (additive) adapter patch applied."""
         found = self.patch_for(src)
-        like = torch.empty(0, device=device, dtype=job.math_dtype)
+        like = torch.empty(0, device=device, dtype=job.math_dtype.torch)
         if src.delta:
             assert found is not None  # the planner keeps only patched delta inputs
             return found[0].delta_rows(found[1], rows, like)
@@ -93,8 +93,8 @@ def to_math(tensor: torch.Tensor, job: TensorJob, device: torch.device) -> torch
     """Round to the recipe's ``dtype`` as mergekit does on load, then widen to the math dtype (fp32 at least:
     bf16 subtraction cancels the small deltas fine-tuning leaves)."""
     if job.load_dtype is not None:
-        tensor = tensor.to(job.load_dtype)
-    math_dtype = torch.float64 if tensor.dtype == torch.float64 else job.math_dtype
+        tensor = tensor.to(job.load_dtype.torch)
+    math_dtype = torch.float64 if tensor.dtype == torch.float64 else job.math_dtype.torch
     return tensor.to(device=device, dtype=math_dtype)
 
 
@@ -111,7 +111,7 @@ def _compute_elementwise(op: Operator, job: TensorJob, readers: _Readers, device
     runs in cache. Same operations per entry as the whole-tensor call (for adapter deltas, up to the
     summation order of the small B·A product).
     """
-    out = torch.empty(job.shape, dtype=job.out_dtype)
+    out = torch.empty(job.shape, dtype=job.out_dtype.torch)
     row_numel = out[0].numel() if out.dim() > 0 else 1
     block = max(1, ELEMENTWISE_CHUNK // max(row_numel, 1))
     for start in range(0, out.shape[0] if out.dim() > 0 else 1, block):
@@ -123,7 +123,7 @@ def _compute_elementwise(op: Operator, job: TensorJob, readers: _Readers, device
             params=job.params,
             tensor_name=job.name,
         )
-        out[rows] = op.apply(inputs).to(dtype=job.out_dtype).to("cpu")
+        out[rows] = op.apply(inputs).to(dtype=job.out_dtype.torch).to("cpu")
     return out
 
 
@@ -140,7 +140,7 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
             tensors=[readers.raw(s, job).reshape(-1) for s in job.inputs],
             base=readers.raw(job.base, job).reshape(-1),
             widen=lambda t: to_math(t, job, device),
-            out_dtype=job.out_dtype,
+            out_dtype=job.out_dtype.torch,
             shape=job.shape,
             model_params=job.model_params,
             params=job.params,
@@ -156,7 +156,7 @@ def compute_job(job: TensorJob, readers: _Readers, device: torch.device, seed: i
         generator=generator_for(seed, job.name) if op.random else None,
         tensor_name=job.name,
     )
-    return op.apply(inputs).to(dtype=job.out_dtype).to("cpu").contiguous()
+    return op.apply(inputs).to(dtype=job.out_dtype.torch).to("cpu").contiguous()
 
 
 DEFAULT_MEMORY_BUDGET = 1 << 30

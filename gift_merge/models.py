@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gift_merge.architecture import LayerLayout, detect_layout
+from gift_merge.dtypes import DType
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.adapter import AdapterReader, Patch, is_adapter_folder
 from gift_merge.io.locate import locate
@@ -27,7 +26,7 @@ from gift_merge.recipe.schema import ModelRef
 class ModelInfo:
     label: str
     folder: Path
-    tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+    tensors: Mapping[str, tuple[tuple[int, ...], DType]]
     config: dict[str, Any]
     layout: LayerLayout
     virtual: bool = False

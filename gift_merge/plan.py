@@ -12,10 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
 from gift_merge.architecture import is_pre_weight, is_vocab_tensor
-from gift_merge.dtypes import dtype_name, parse_dtype
+from gift_merge.dtypes import FLOAT32, FLOAT64, DType, dtype_name, parse_dtype
 from gift_merge.errors import GiftMergeError
 from gift_merge.models import ModelInfo, ModelResolver
 from gift_merge.operators import get_operator
@@ -42,11 +40,11 @@ class TensorJob:
     model_params: tuple[Mapping[str, Any], ...]
     params: Mapping[str, Any]
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
-    load_dtype: torch.dtype | None = None  # the recipe's `dtype`: inputs are rounded to it on load
+    out_dtype: DType
+    load_dtype: DType | None = None  # the recipe's `dtype`: inputs are rounded to it on load
     rows: int | None = None  # vocab tensors: use the first `rows` rows of every input
     copy: bool = False  # non-float tensors (buffers) are copied from the first input unchanged
-    math_dtype: torch.dtype = torch.float32
+    math_dtype: DType = FLOAT32
 
     @property
     def numel(self) -> int:
@@ -254,7 +252,7 @@ class _Planner:
             out_dtype=out_dtype,
             load_dtype=self.load_dtype,
             rows=rows,
-            math_dtype=torch.float64 if patched else torch.float32,
+            math_dtype=FLOAT64 if patched else FLOAT32,
         )
 
     def _value(

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gift_merge.dtypes import of
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.io.sizes import parse_size
@@ -31,7 +32,7 @@ def random_tensors(seed: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("shard_bytes", [10**9, 300, 1])
 def test_writer_round_trips_through_safetensors(tmp_path: Path, shard_bytes: int) -> None:
     tensors = random_tensors(0)
-    plan = [OutputTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    plan = [OutputTensor(n, tuple(t.shape), of(t.dtype)) for n, t in tensors.items()]
     writer = ShardedWriter(tmp_path, plan, shard_bytes)
     for name in reversed(list(tensors)):  # any completion order
         writer.write(name, tensors[name])
@@ -74,7 +75,7 @@ def test_reader_reads_single_and_sharded(tmp_path: Path) -> None:
         assert set(reader.names) == set(tensors)
         for name, tensor in tensors.items():
             assert reader.info(name).shape == tuple(tensor.shape)
-            assert reader.info(name).dtype == tensor.dtype
+            assert reader.info(name).dtype.torch == tensor.dtype
             assert torch.equal(reader.read(name), tensor)
 
 

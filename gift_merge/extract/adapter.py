@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gift_merge.dtypes import of
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.adapter import pattern_key
 from gift_merge.io.writer import OutputTensor, _header_bytes  # same header layout as merged checkpoints
@@ -47,7 +48,7 @@ class AdapterWriter:
             raise GiftMergeError(f"adapter tensor {name} written twice")
         tensor = tensor.detach().to("cpu").contiguous()
         self._spool.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
-        self._tensors.append(OutputTensor(name, tuple(tensor.shape), tensor.dtype))
+        self._tensors.append(OutputTensor(name, tuple(tensor.shape), of(tensor.dtype)))
         self._names.add(name)
 
     @property

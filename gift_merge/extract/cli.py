@@ -71,7 +71,7 @@ def extract_lora_command(ctx: click.Context, out: Path, base: str, tuned: str, r
         exclude=exclude,
         embeddings=embeddings,  # type: ignore[arg-type]  # click.Choice checked it
         save_undecomposable=save_undecomposable,
-        dtype=parse_dtype(dtype, "--dtype") if dtype else None,
+        dtype=parse_dtype(dtype, "--dtype").torch if dtype else None,
         device=check_device(device),
         svd=svd,  # type: ignore[arg-type]
         seed=seed,

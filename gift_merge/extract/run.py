@@ -114,7 +114,7 @@ def _extract_module(
         if bias is None or not bool(bias.any()):
             return ModuleRow(job.module, "unchanged", stored_shape, rank=0, max_rank=job.max_rank, energy_kept=1.0)
         A, B = A.new_zeros((1, A.shape[1])), B.new_zeros((B.shape[0], 1))  # a rank-1 zero LoRA carries the bias
-    dtype = options.dtype or _float_dtype(pair.tuned.info(job.weight).dtype)
+    dtype = options.dtype or _float_dtype(pair.tuned.info(job.weight).dtype.torch)
     if job.layout == "embedding":
         writer.add(f"{PREFIX}{job.module}.lora_embedding_A", A.to(dtype))  # (r, vocab)
         writer.add(f"{PREFIX}{job.module}.lora_embedding_B", B.to(dtype))  # (dim, r)

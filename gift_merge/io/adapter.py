@@ -17,10 +17,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.reader import CheckpointReader, pickle_allowed
+from gift_merge.lazy import torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -16,9 +16,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from gift_merge.dtypes import BY_CODE, DType, of
 from gift_merge.errors import GiftMergeError
+from gift_merge.lazy import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -31,31 +33,13 @@ def pickle_allowed() -> bool:
     return os.environ.get(ALLOW_PICKLE_ENV, "") not in ("", "0", "false", "no")
 
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """Where a tensor lives and what it is, known without reading it."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     file: Path
     offset: int | None = None  # of the first byte in the file (safetensors); None for pickled weights
 
@@ -128,7 +112,7 @@ class CheckpointReader:
                 raise GiftMergeError(f"{index}: shard {file.name} is missing")
             header, data_start = read_header(file)
             for name, entry in header.items():
-                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+                dtype = BY_CODE.get(entry["dtype"])
                 if dtype is None:
                     raise GiftMergeError(f"{file}: tensor {name} has unsupported dtype {entry['dtype']}")
                 if weight_map and weight_map.get(name) != file.name:
@@ -157,7 +141,7 @@ class CheckpointReader:
                 raise GiftMergeError(f"{file}: expected a state dict of tensors")
             self._pickled_files[file] = state
             for name, tensor in state.items():
-                infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
+                infos[name] = TensorInfo(name, tuple(tensor.shape), of(tensor.dtype), file)
         return infos
 
     def __contains__(self, name: str) -> bool:
@@ -178,17 +162,34 @@ class CheckpointReader:
         info = self.info(name)
         if info.file in self._pickled_files:
             return self._pickled_files[info.file][name].clone()
+        mapped, offset = self._checked_map(info)
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype.torch)
+        flat = torch.frombuffer(mapped, dtype=info.dtype.torch, count=info.numel, offset=offset)
+        return flat.view(info.shape)
+
+    def read_array(self, name: str) -> np.ndarray:
+        """One tensor's bits as a numpy array (bf16 and fp8 as unsigned integers of their width), a view of
+        the shard's private memory map: the torch-free merge path reads through this."""
+        info = self.info(name)
+        if info.file in self._pickled_files:
+            tensor = self._pickled_files[info.file][name].contiguous()
+            if info.dtype.storage.kind == "u" and info.dtype.is_floating_point:
+                tensor = tensor.view(getattr(torch, f"int{8 * info.dtype.itemsize}"))
+            return tensor.numpy().view(info.dtype.storage).reshape(info.shape)
+        mapped, offset = self._checked_map(info)
+        return np.frombuffer(mapped, dtype=info.dtype.storage, count=info.numel, offset=offset).reshape(info.shape)
+
+    def _checked_map(self, info: TensorInfo) -> tuple[mmap.mmap, int]:
+        """The shard's map and the tensor's offset in it, after checking the file holds all its bytes."""
         assert info.offset is not None
         mapped = self._map(info.file)
         if info.offset + info.nbytes > len(mapped):
             raise GiftMergeError(
-                f"{info.file}: cannot read tensor {name} (the file ends at byte {len(mapped)}, "
+                f"{info.file}: cannot read tensor {info.name} (the file ends at byte {len(mapped)}, "
                 f"the tensor at {info.offset + info.nbytes}: truncated?)"
             )
-        if info.numel == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        flat = torch.frombuffer(mapped, dtype=info.dtype, count=info.numel, offset=info.offset)
-        return flat.view(info.shape)
+        return mapped, info.offset
 
     def _map(self, file: Path) -> mmap.mmap:
         with self._lock:

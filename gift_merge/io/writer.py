@@ -17,10 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from gift_merge.dtypes import DType, of
 from gift_merge.errors import GiftMergeError
-from gift_merge.io.reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME
+from gift_merge.io.reader import INDEX_NAME, SINGLE_NAME
+from gift_merge.lazy import torch
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class OutputTensor:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +65,7 @@ def _header_bytes(group: Sequence[OutputTensor]) -> tuple[bytes, list[int]]:
     starts, pos = [], 0
     for t in group:
         header[t.name] = {
-            "dtype": DTYPE_NAMES[t.dtype],
+            "dtype": t.dtype.code,
             "shape": list(t.shape),
             "data_offsets": [pos, pos + t.nbytes],
         }
@@ -101,16 +103,24 @@ class ShardedWriter:
                 self._slots[t.name] = _Slot(file, len(head) + start, t)
         self.total_size = sum(t.nbytes for t in tensors)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Put one finished tensor's bytes at its place; thread-safe, any order."""
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
+        """Put one finished tensor's bytes at its place; thread-safe, any order.
+
+        A numpy array holds the planned dtype's bits (see :attr:`DType.storage`): bf16 as uint16.
+        """
         slot = self._slots[name]
         expected = slot.tensor
-        if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+        if isinstance(tensor, np.ndarray):
+            dtype_ok = tensor.dtype == expected.dtype.storage
+            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+        else:
+            dtype_ok = of(tensor.dtype) == expected.dtype
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if tuple(tensor.shape) != expected.shape or not dtype_ok:
             raise GiftMergeError(
                 f"tensor {name}: computed {tuple(tensor.shape)} {tensor.dtype}, "
                 f"planned {expected.shape} {expected.dtype}"
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         written = 0
         view = memoryview(data)  # type: ignore[arg-type]  # numpy arrays are buffers
         while written < len(view):

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
+
+from gift_merge.lazy import torch
 
 
 class _Required:

@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
+
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, Param, StreamInputs
 from .checks import interval

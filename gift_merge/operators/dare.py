@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
+
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, StreamInputs
 from .gta import gta_merge, gta_params, gta_stream, random_cut

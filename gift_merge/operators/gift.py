@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
+from gift_merge.lazy import torch
 from gift_merge.operators.base import MergeInputs, Operator, Param
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
+
+from gift_merge.lazy import torch
 
 from . import kernels
 from .base import MergeInputs, Param, StreamInputs
@@ -30,7 +31,7 @@ from .checks import DENSITY, INT8_MASK, WEIGHT, finite
 from .kernels import blocked_sum, consensus_sum, cut_mask, cut_of, random_keep, skip_draws, task_vectors
 from .kernels import l1_factor as rescale_factor
 
-Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], bool, np.random.Generator | None], torch.Tensor]
+Sparsifier = Callable[["torch.Tensor", Mapping[str, Any], bool, "np.random.Generator | None"], "torch.Tensor"]
 """(δ_i, model i's params, rescale, generator) → pruned δ_i. Called once per model, in input order."""
 
 CHUNK = 1 << 18  # entries per chunk of the elementwise stage: 1 MB of fp32, cache-resident (and even)
@@ -135,7 +136,7 @@ class KeepMask:
 
 
 Cut = _MagnitudeCut | KeepMask
-CutBuilder = Callable[[StreamInputs, torch.Tensor, Mapping[str, Any], bool], "Cut | None"]
+CutBuilder = Callable[[StreamInputs, "torch.Tensor", Mapping[str, Any], bool], "Cut | None"]
 
 
 def magnitudes(stream: StreamInputs, tensor: torch.Tensor) -> torch.Tensor:

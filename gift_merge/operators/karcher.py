@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, Param
 from .checks import interval

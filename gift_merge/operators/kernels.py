@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
+
+from gift_merge.lazy import torch
 
 RESCALE_EPS = 1e-7
 """Below this L1 norm (before or after masking) the rescale is skipped, as in mergekit."""

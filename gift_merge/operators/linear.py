@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, Param
 from .checks import WEIGHT

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
+from gift_merge.lazy import torch
 
 from . import gta, kernels
 from .base import MergeInputs, Operator, Param, StreamInputs

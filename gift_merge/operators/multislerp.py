@@ -28,9 +28,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from gift_merge.errors import GiftMergeError
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, Param
 from .checks import WEIGHT, interval

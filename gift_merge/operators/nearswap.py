@@ -11,7 +11,7 @@ https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001
 
 from __future__ import annotations
 
-import torch
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, Param
 from .checks import interval

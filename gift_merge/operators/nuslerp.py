@@ -19,7 +19,7 @@ of dividing by the float32 rounding residue of sin π.
 
 from __future__ import annotations
 
-import torch
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, Param
 from .checks import WEIGHT

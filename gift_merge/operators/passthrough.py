@@ -9,7 +9,7 @@ same result.
 
 from __future__ import annotations
 
-import torch
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, Param
 from .checks import finite

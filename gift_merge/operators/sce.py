@@ -20,7 +20,7 @@ Wan et al., "FuseChat: Knowledge Fusion of Chat Models", https://arxiv.org/abs/2
 
 from __future__ import annotations
 
-import torch
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, Param
 from .checks import INT8_MASK, interval

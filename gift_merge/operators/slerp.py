@@ -15,7 +15,7 @@ outside [0, 1] (extrapolation along the arc); here that is rejected as a likely 
 
 from __future__ import annotations
 
-import torch
+from gift_merge.lazy import torch
 
 from . import gta, kernels
 from .base import MergeInputs, Operator, Param, StreamInputs

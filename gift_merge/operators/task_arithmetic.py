@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
+from gift_merge.lazy import torch
 
 from .base import MergeInputs, Operator, Param
 from .checks import fixed

@@ -48,7 +48,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` → bfloat16 on a GPU (what the paper trains and annotates in), float32 on the CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return parse_dtype(name, "--dtype")
+    return parse_dtype(name, "--dtype").torch
 
 
 def load_tokenizer(reference: str) -> tuple[PreTrainedTokenizerBase, Path]:
