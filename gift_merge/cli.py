@@ -54,11 +54,15 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.option("--workers", type=int, default=None, help="Tensors processed concurrently [default: cores, 2..8].")
 @click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where earlier stages of a multi-document recipe go [default: OUT-stages].")  # fmt: skip
+@click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
+              help="numpy: linear, task_arithmetic and passthrough on the CPU without importing torch (same "
+                   "bytes); torch: everything; auto: numpy where the whole merge allows it.")  # fmt: skip
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar.")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_shard_size: str, overwrite: bool,
-        seed: int, workers: int | None, intermediate_dir: Path | None, quiet_here: bool) -> None:  # fmt: skip
+        seed: int, workers: int | None, intermediate_dir: Path | None, engine: str,
+        quiet_here: bool) -> None:  # fmt: skip
     """Merge the models in RECIPE into OUT (or the recipe's `output:`)."""
     from gift_merge.allocator import reuse_large_buffers
     from gift_merge.io.sizes import parse_size
@@ -76,6 +80,7 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
         quiet=quiet,
         workers=workers,
         intermediate_dir=intermediate_dir,
+        engine=engine,
     )
     loaded = load_recipe(recipe)
     destination = run_recipe(loaded, out, options)

@@ -39,6 +39,9 @@ def handle_errors(func: F) -> F:
 
 
 def check_device(device: str) -> str:
+    """The device, checked; plain ``cpu`` is accepted without importing torch (the numpy path needs none)."""
+    if device == "cpu":
+        return device
     import torch
 
     try:

@@ -14,15 +14,17 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from tqdm import tqdm
 
+from gift_merge.errors import GiftMergeError
 from gift_merge.io.adapter import AdapterReader, Patch
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.io.writer import OutputTensor, ShardedWriter
 from gift_merge.lazy import torch
+from gift_merge.numpy_engine import NumpyEngine, numpy_unsupported
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import MergeInputs, Operator, StreamInputs, generator_for
 from gift_merge.plan import MergePlan, TensorJob, TensorSource
@@ -189,6 +191,42 @@ def _intra_op_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+class _TorchEngine:
+    """The general path: every operator, adapters, any device."""
+
+    def __init__(self, plan: MergePlan, device: str, seed: int) -> None:
+        self.device = torch.device(device)
+        self.readers = _Readers(plan)
+        self.seed = seed
+
+    def compute(self, job: TensorJob) -> torch.Tensor:
+        return compute_job(job, self.readers, self.device, self.seed)
+
+    def working_set(self, job: TensorJob) -> int:
+        return working_set(job, self.readers.path(job))
+
+    def threads(self, workers: int) -> AbstractContextManager[object]:
+        if self.device.type != "cpu":
+            return nullcontext()
+        return _intra_op_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+ENGINES = ("auto", "numpy", "torch")
+"""``auto``: numpy where :func:`numpy_unsupported` allows it, else torch."""
+
+
+def choose_engine(plan: MergePlan, device: str, engine: str = "auto") -> str:
+    """``numpy`` or ``torch`` for this plan; asking for numpy where it cannot run is an error saying why."""
+    if engine not in ENGINES:
+        raise GiftMergeError(f"--engine {engine}: use one of {', '.join(ENGINES)}")
+    if engine == "torch":
+        return "torch"
+    reason = numpy_unsupported(plan, device)
+    if reason is not None and engine == "numpy":
+        raise GiftMergeError(f"--engine numpy: {reason}")
+    return "numpy" if reason is None else "torch"
+
+
 def execute_plan(
     plan: MergePlan,
     folder: Path,
@@ -200,34 +238,37 @@ def execute_plan(
     workers: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     label: str = "merge",
+    engine: str = "auto",
 ) -> ShardedWriter:
     """Write the plan's tensors into ``folder`` (a temporary folder the caller renames on success)."""
-    dev = torch.device(device)
-    readers = _Readers(plan)
+    runner: _TorchEngine | NumpyEngine
+    runner = NumpyEngine(plan) if choose_engine(plan, device, engine) == "numpy" else _TorchEngine(plan, device, seed)
     writer = ShardedWriter(folder, [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs], max_shard_bytes)
     workers = workers or default_workers()
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
                disable=True if quiet else None, dynamic_ncols=True)  # fmt: skip
-    pending: deque[tuple[TensorJob, Future[torch.Tensor]]] = deque()
+    pending: deque[tuple[TensorJob, Future[None]]] = deque()
     done = 0
     in_flight = 0
 
-    def finish(job: TensorJob, future: Future[torch.Tensor]) -> None:
+    def compute_and_write(job: TensorJob) -> None:
+        writer.write(job.name, runner.compute(job))  # in the worker: writes overlap other jobs' compute
+
+    def finish(job: TensorJob, future: Future[None]) -> None:
         nonlocal done, in_flight
-        writer.write(job.name, future.result())
-        in_flight -= working_set(job, readers.path(job))
+        future.result()
+        in_flight -= runner.working_set(job)
         done += 1
         bar.update(job.nbytes)
         bar.set_postfix_str(f"{done}/{len(plan.jobs)} tensors", refresh=False)
 
-    threads = max(1, (os.cpu_count() or 1) // workers) if dev.type == "cpu" else torch.get_num_threads()
     try:
-        with _intra_op_threads(threads), ThreadPoolExecutor(workers, thread_name_prefix="gift-merge") as pool:
+        with runner.threads(workers), ThreadPoolExecutor(workers, thread_name_prefix="gift-merge") as pool:
             for job in plan.jobs:
-                cost = working_set(job, readers.path(job))
+                cost = runner.working_set(job)
                 while pending and (len(pending) > workers or in_flight + cost > memory_budget):
                     finish(*pending.popleft())
-                pending.append((job, pool.submit(compute_job, job, readers, dev, seed)))
+                pending.append((job, pool.submit(compute_and_write, job)))
                 in_flight += cost
             while pending:
                 finish(*pending.popleft())

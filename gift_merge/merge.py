@@ -38,6 +38,7 @@ class MergeOptions:
     quiet: bool = False
     workers: int | None = None
     intermediate_dir: Path | None = None
+    engine: str = "auto"
 
 
 def resolve_output(recipe: Recipe, out: str | Path | None) -> Path:
@@ -144,6 +145,7 @@ def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, o
             quiet=options.quiet,
             workers=options.workers,
             label=label,
+            engine=options.engine,
         )
         artifacts.write_json(tmp / "config.json", plan.config)
         artifacts.copy_generation_config(reference.folder, tmp)

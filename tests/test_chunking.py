@@ -34,7 +34,7 @@ def outputs_under(
     for label, patches in settings.items():
         for (module, attribute), value in patches.items():
             monkeypatch.setattr(module, attribute, value)
-        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q"])
+        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q", "--engine", "torch"])
         assert result.exit_code == 0, result.output
         outputs[label] = digest(tmp_path / label)
     return outputs

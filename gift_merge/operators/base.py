@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -50,18 +50,23 @@ class Param:
         return self.default is REQUIRED
 
 
+Array = TypeVar("Array")
+"""``torch.Tensor`` for :attr:`Operator.apply`, ``numpy.ndarray`` for :attr:`Operator.numpy`."""
+
+
 @dataclass(frozen=True)
-class MergeInputs:
+class MergeInputs(Generic[Array]):
     """Everything an operator needs to compute one output tensor.
 
     ``tensors`` are the inputs other than the base, in recipe order, already on the compute device and
     in the compute dtype (float32 unless the recipe says otherwise). ``model_params[i]`` holds the
     per-model parameters of ``tensors[i]`` with defaults filled in; ``params`` the per-tensor ones.
-    Inputs must not be modified: the executor may hand the same tensor to several jobs.
+    Inputs must not be modified: the executor may hand the same tensor to several jobs (and the numpy
+    path hands float32 inputs over as views of the file's memory map).
     """
 
-    tensors: Sequence[torch.Tensor]
-    base: torch.Tensor | None = None
+    tensors: Sequence[Array]
+    base: Array | None = None
     model_params: Sequence[Mapping[str, Any]] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
     generator: np.random.Generator | None = None
@@ -103,10 +108,13 @@ class Operator:
     the whole tensor, so the executor may hand them matching slices of a large tensor one at a time.
     ``stream``, where given, computes the same result as ``apply`` from :class:`StreamInputs` for large
     tensors, holding whole-tensor statistics but only slices of the inputs in the compute dtype.
+    ``numpy``, where given (elementwise operators only), is ``apply`` on float32 numpy arrays with the
+    same roundings in the same order, so a merge of such operators can run without importing torch
+    (``gift_merge.numpy_engine``); tests/test_numpy_path.py holds every one to ``apply``'s bytes.
     """
 
     name: str
-    apply: Callable[[MergeInputs], torch.Tensor]
+    apply: Callable[[MergeInputs[torch.Tensor]], torch.Tensor]
     params: tuple[Param, ...] = ()
     base: BaseRole = "required"
     min_models: int = 1
@@ -118,6 +126,7 @@ class Operator:
     deltas: bool = False
     elementwise: bool = False
     stream: Callable[[StreamInputs], torch.Tensor] | None = None
+    numpy: Callable[[MergeInputs[np.ndarray]], np.ndarray] | None = None
 
     @property
     def global_params(self) -> tuple[Param, ...]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gift_merge.lazy import torch
-
 from .base import MergeInputs, Operator, Param
 from .checks import WEIGHT
 
@@ -30,7 +28,9 @@ def check_linear(params: Mapping[str, Any], model_params: Sequence[Mapping[str, 
     return None
 
 
-def linear_merge(inputs: MergeInputs) -> torch.Tensor:
+def linear_merge(inputs: MergeInputs[Any]) -> Any:
+    """Written with operators torch tensors and numpy arrays share (a Python float scales in float32 in
+    both), so this one function is the torch and the numpy kernel."""
     weights = [float(mp["weight"]) for mp in inputs.model_params]
     out = inputs.tensors[0] * weights[0]
     for tensor, weight in zip(inputs.tensors[1:], weights[1:], strict=True):
@@ -52,4 +52,5 @@ LINEAR = Operator(
     paper="https://arxiv.org/abs/2203.05482",
     check=check_linear,
     elementwise=True,
+    numpy=linear_merge,
 )

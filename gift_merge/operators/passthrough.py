@@ -9,14 +9,15 @@ same result.
 
 from __future__ import annotations
 
-from gift_merge.lazy import torch
+from typing import Any
 
 from .base import MergeInputs, Operator, Param
 from .checks import finite
 
 
-def passthrough_merge(inputs: MergeInputs) -> torch.Tensor:
-    # Always a new tensor, never the input itself: the executor may hand the input to other jobs.
+def passthrough_merge(inputs: MergeInputs[Any]) -> Any:
+    """Always a new tensor, never the input itself: the executor may hand the input to other jobs.
+    Tensor or numpy array alike (see ``linear_merge``)."""
     return inputs.tensors[0] * float(inputs.model_params[0]["scale"])
 
 
@@ -29,4 +30,5 @@ PASSTHROUGH = Operator(
     max_models=1,
     summary="Copy one model's tensor, optionally scaled.",
     elementwise=True,
+    numpy=passthrough_merge,
 )
