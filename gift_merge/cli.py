@@ -12,13 +12,14 @@ from pathlib import Path
 
 import click
 
-from gift_merge.allocator import enable_huge_pages
+from gift_merge.allocator import enable_huge_pages, one_blas_thread
 from gift_merge.cli_support import check_device, handle_errors
 from gift_merge.extract.cli import extract_lora_command
 from gift_merge.train.commands import annotate as annotate_command
 from gift_merge.train.commands import train as train_command
 
 enable_huge_pages()  # before anything imports torch: its allocator reads the switch once
+one_blas_thread()  # before anything imports numpy: OpenBLAS reads it once
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,7 +56,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where earlier stages of a multi-document recipe go [default: OUT-stages].")  # fmt: skip
 @click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
-              help="numpy: linear, task_arithmetic and passthrough on the CPU without importing torch (same "
+              help="numpy: linear, task_arithmetic, passthrough and gift on the CPU without importing torch (same "
                    "bytes); torch: everything; auto: numpy where the whole merge allows it.")  # fmt: skip
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar.")
 @click.pass_context

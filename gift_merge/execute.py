@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gift_merge import blocks
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.adapter import AdapterReader, Patch
 from gift_merge.io.reader import CheckpointReader
@@ -70,7 +71,7 @@ class _Readers:
 
         The one place that decides, so the executor and the memory budget always agree.
         """
-        if job.copy or job.numel < _CHUNK_FROM or not job.shape:
+        if job.copy or job.numel < blocks.CHUNK_FROM or not job.shape:
             return "whole"
         op = get_operator(job.operator)
         patches = [found[1] for found in map(self.patch_for, job.sources) if found is not None]
@@ -100,10 +101,6 @@ def to_math(tensor: torch.Tensor, job: TensorJob, device: torch.device) -> torch
     return tensor.to(device=device, dtype=math_dtype)
 
 
-ELEMENTWISE_CHUNK = 1 << 19  # entries: 2 MB per fp32 input, cache-resident
-_CHUNK_FROM = 1 << 20  # smaller tensors gain nothing from chunking
-
-
 def _compute_elementwise(op: Operator, job: TensorJob, readers: _Readers, device: torch.device) -> torch.Tensor:
     """An elementwise operator over matching blocks of rows of its inputs, block by block.
 
@@ -114,10 +111,7 @@ def _compute_elementwise(op: Operator, job: TensorJob, readers: _Readers, device
     summation order of the small B·A product).
     """
     out = torch.empty(job.shape, dtype=job.out_dtype.torch)
-    row_numel = out[0].numel() if out.dim() > 0 else 1
-    block = max(1, ELEMENTWISE_CHUNK // max(row_numel, 1))
-    for start in range(0, out.shape[0] if out.dim() > 0 else 1, block):
-        rows = slice(start, start + block)
+    for rows in blocks.row_blocks(job.shape):
         inputs = MergeInputs(
             tensors=[readers.rows(s, job, rows, device) for s in job.inputs],
             base=readers.rows(job.base, job, rows, device) if job.base else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gift_merge.dtypes import BFLOAT16, FLOAT16, FLOAT32, DType
+from gift_merge.dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, DType
 
 NUMPY_FLOATS = (FLOAT32, FLOAT16, BFLOAT16)
 """The float dtypes the numpy path reads and writes."""
@@ -31,7 +31,12 @@ def widen(bits: np.ndarray, dtype: DType) -> np.ndarray:
 
 
 def narrow(values: np.ndarray, dtype: DType, out: np.ndarray | None = None) -> np.ndarray:
-    """The bits of float32 ``values`` rounded to ``dtype`` (into ``out`` if given)."""
+    """The bits of float32 (or float64) ``values`` rounded to ``dtype`` (into ``out`` if given).
+
+    float64 goes through float32 first, as torch's CPU conversion to float16 and bfloat16 does.
+    """
+    if values.dtype == np.float64:
+        values = values.astype(np.float32)
     if values.dtype != np.float32:
         raise ValueError(f"expected float32 values, got {values.dtype}")
     if out is None:
@@ -51,6 +56,17 @@ def narrow(values: np.ndarray, dtype: DType, out: np.ndarray | None = None) -> n
     if values.size and np.isnan(np.max(values)):  # one pass that NaN propagates through; the mask only then
         out[np.isnan(values)] = _BF16_NAN
     return out
+
+
+def to_math(bits: np.ndarray, stored: DType, math: np.dtype, load: DType | None = None) -> np.ndarray:
+    """Stored bits as ``math`` values (float32 or float64), rounded to ``load`` first: the torch path's
+    ``tensor.to(load).to(math)``. float64 storage converts directly (one rounding), as ``Tensor.to`` does."""
+    if stored == FLOAT64:
+        if load is not None:
+            raise ValueError("the numpy path does not round float64 inputs to a load dtype")
+        return bits.astype(math, copy=False)
+    values = to_float32(bits, stored, load)
+    return values.astype(math, copy=False)
 
 
 def to_float32(bits: np.ndarray, stored: DType, load: DType | None = None) -> np.ndarray:

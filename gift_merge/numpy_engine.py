@@ -2,9 +2,11 @@
 
 ``import torch`` takes longer than a whole linear merge of a 0.5B model on a small CPU machine, and
 torch's per-op overhead on cache-sized blocks is more than numpy's. A plan whose every job is a copy
-or an operator with a numpy kernel (:attr:`Operator.numpy`: linear, task arithmetic, passthrough), on
-the CPU, with float16/bfloat16/float32 inputs and outputs and no adapter, therefore runs here. It writes
-the same bytes as the torch path (tests/test_numpy_path.py compares them); anything else runs on torch.
+or an operator with a numpy kernel (:attr:`Operator.numpy`: linear, task arithmetic, passthrough, gift),
+on the CPU, with float16/bfloat16/float32 tensors and only additive adapter patches (LoRA, embedding
+LoRA, LoRA bias), therefore runs here. It computes what the torch path computes, rounding for rounding,
+on the same blocks of rows (:mod:`gift_merge.blocks`), and forms ΔW with the product the torch path uses
+on the CPU too, so it writes the same bytes (tests/test_numpy_path.py compares them).
 """
 
 from __future__ import annotations
@@ -13,15 +15,12 @@ from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 
-from gift_merge.dtypes import DType
-from gift_merge.floatbits import NUMPY_FLOATS, narrow, to_float32
+from gift_merge import blocks
+from gift_merge.floatbits import NUMPY_FLOATS, narrow, to_math
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import MergeInputs
 from gift_merge.plan import MergePlan, TensorJob, TensorSource
-
-CHUNK = 1 << 18
-"""Entries per block: a few 1 MB float32 temporaries per input, resident in cache."""
 
 
 def numpy_unsupported(plan: MergePlan, device: str) -> str | None:
@@ -36,8 +35,11 @@ def numpy_unsupported(plan: MergePlan, device: str) -> str | None:
             return f"{op.name} has no numpy kernel"
         for src in job.sources:
             model = plan.models[src.model]
-            if src.delta or src.name in model.patches:
-                return f"tensor {job.name}: input {src.model} carries an adapter"
+            patch = model.patches.get(src.name)
+            if patch is not None and not patch.additive:
+                how = "replaces its weight" if patch.kind == "replace" else f"is {patch.kind}"
+                saved = " over a saved base layer" if patch.base_layer else ""
+                return f"tensor {job.name}: the adapter of {src.model} {how}{saved}, which is not a plain delta"
             stored = model.tensors[src.name][1]
             if stored not in NUMPY_FLOATS:
                 return f"tensor {job.name}: input {src.model} stores {stored}"
@@ -59,30 +61,36 @@ class NumpyEngine:
         bits = self._readers[self.models[src.model].folder].read_array(src.name)
         return bits[: job.rows] if job.rows is not None and bits.shape[0] > job.rows else bits
 
+    def _rows(self, src: TensorSource, job: TensorJob, rows: slice) -> np.ndarray:
+        """Rows of an input in the math dtype, with its adapter's ΔW for those rows added (or, for a delta
+        input, that ΔW alone): ``execute._Readers.rows`` in numpy."""
+        model = self.models[src.model]
+        patch = model.patches.get(src.name)
+        math = np.dtype(job.math_dtype.name)
+        delta = model.adapter.delta_rows_array(patch, rows, math) if patch and model.adapter else None
+        if src.delta:
+            assert delta is not None  # the planner keeps only patched delta inputs
+            return delta
+        bits = self._bits(src, job)
+        values = to_math(bits[rows] if bits.ndim else bits, model.tensors[src.name][1], math, job.load_dtype)
+        return values if delta is None else values + delta
+
     def compute(self, job: TensorJob) -> np.ndarray:
-        """One output tensor's bits (in ``job.out_dtype.storage``), block by block of ``CHUNK`` entries."""
+        """One output tensor's bits (in ``job.out_dtype.storage``), block of rows by block of rows."""
         if job.copy:
             return self._bits(job.inputs[0], job)
         kernel = get_operator(job.operator).numpy
         assert kernel is not None
         out = np.empty(job.shape, dtype=job.out_dtype.storage)
-        flat_out = out.reshape(-1)
-
-        def flat(src: TensorSource) -> tuple[np.ndarray, DType]:
-            return self._bits(src, job).reshape(-1), self.models[src.model].tensors[src.name][1]
-
-        inputs = [flat(src) for src in job.inputs]
-        base = flat(job.base) if job.base is not None else None
-        for start in range(0, flat_out.size, CHUNK):
-            part = slice(start, start + CHUNK)
+        for rows in blocks.row_blocks(job.shape):
             values = MergeInputs(
-                tensors=[to_float32(bits[part], stored, job.load_dtype) for bits, stored in inputs],
-                base=to_float32(base[0][part], base[1], job.load_dtype) if base else None,
+                tensors=[self._rows(src, job, rows) for src in job.inputs],
+                base=self._rows(job.base, job, rows) if job.base is not None else None,
                 model_params=job.model_params,
                 params=job.params,
                 tensor_name=job.name,
             )
-            narrow(kernel(values), job.out_dtype, flat_out[part])
+            narrow(kernel(values), job.out_dtype, out[rows] if out.ndim else out)
         return out
 
     @staticmethod

@@ -26,6 +26,18 @@ def llama(families: dict[str, dict[str, Path]]) -> dict[str, Path]:
     return families["llama"]
 
 
+@pytest.fixture(scope="session")
+def adapters(families: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One adapter per :data:`tests.adapter_variants.VARIANTS` entry, on its family's base model."""
+    from tests.adapter_variants import VARIANTS, make_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: make_adapter(families[arch]["base"], root / name, seed=i, **lora)
+        for i, (name, (arch, lora)) in enumerate(VARIANTS.items())
+    }
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -9,67 +9,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from gift_merge.cli import main
 from tests import reference as ref
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "plain": ("llama", {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS}),
-    "rslora-patterns": (
-        "llama",
-        {
-            "r": 6,
-            "lora_alpha": 5,
-            "use_rslora": True,
-            "target_modules": LLAMA_TARGETS,
-            "rank_pattern": {"q_proj": 2, "layers.1.mlp.up_proj": 3},
-            "alpha_pattern": {"down_proj": 11},
-        },
-    ),
-    "gpt2-conv1d": (
-        "gpt2",
-        {"r": 4, "lora_alpha": 16, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
-    ),
-    "qwen2-bias": (
-        "qwen2",
-        {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "v_proj"], "lora_bias": True},
-    ),
-    "qwen2-tied-embedding": ("qwen2", {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "o_proj"]}),
-    "llama-embedding": ("llama", {"r": 3, "lora_alpha": 6, "target_modules": ["embed_tokens", "lm_head", "up_proj"]}),
-    "modules-to-save": (
-        "llama",
-        {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head", "norm"]},
-    ),
-    "dora": (
-        "llama",
-        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj", "down_proj"], "use_dora": True},
-    ),
-}
-
-
-def make_adapter(base: Path, out: Path, seed: int, **lora: Any) -> Path:
-    """A peft adapter on ``base`` with every trainable tensor randomised, as training would leave it."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **lora))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if param.requires_grad:
-                noise = torch.randn(param.shape, generator=gen) * 0.05
-                param.copy_(param * 1.1 + noise if "magnitude" in name else noise)
-    peft_model.save_pretrained(out)
-    return out
+from tests.adapter_variants import VARIANTS, make_adapter
 
 
 def peft_merged(target: Path, adapter: Path) -> dict[str, torch.Tensor]:
@@ -92,15 +42,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-@pytest.fixture(scope="module")
-def adapters(families: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        name: make_adapter(families[arch]["base"], root / name, seed=i, **lora)
-        for i, (name, (arch, lora)) in enumerate(VARIANTS.items())
-    }
-
-
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "row-blocks"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_transfer_equals_peft_merge_and_unload(
@@ -112,10 +53,10 @@ def test_transfer_equals_peft_merge_and_unload(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if streamed:  # force the executor's row-block path (taken for large tensors) onto the tiny ones
-        import gift_merge.execute as execute
+        import gift_merge.blocks as blocks
 
-        monkeypatch.setattr(execute, "_CHUNK_FROM", 1)
-        monkeypatch.setattr(execute, "ELEMENTWISE_CHUNK", 200)
+        monkeypatch.setattr(blocks, "CHUNK_FROM", 1)
+        monkeypatch.setattr(blocks, "ELEMENTWISE_CHUNK", 200)
     arch = VARIANTS[variant][0]
     instruct = families[arch]["instruct"]
     expected = peft_merged(instruct, adapters[variant])

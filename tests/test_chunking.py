@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import gift_merge.blocks as blocks
 import gift_merge.execute as execute
 from gift_merge.cli import main
 
@@ -47,8 +48,8 @@ def test_chunked_elementwise_path_is_bit_identical(
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPES[method].format(**llama))
     settings: dict[str, Patches] = {
-        "whole": {(execute, "_CHUNK_FROM"): 1 << 62, (execute, "ELEMENTWISE_CHUNK"): 1 << 19},
-        "chunked": {(execute, "_CHUNK_FROM"): 1, (execute, "ELEMENTWISE_CHUNK"): 777},
+        "whole": {(blocks, "CHUNK_FROM"): 1 << 62, (blocks, "ELEMENTWISE_CHUNK"): 1 << 19},
+        "chunked": {(blocks, "CHUNK_FROM"): 1, (blocks, "ELEMENTWISE_CHUNK"): 777},
     }
     outputs = outputs_under(settings, recipe, tmp_path, monkeypatch)
     assert outputs["whole"] == outputs["chunked"]
@@ -118,8 +119,8 @@ def test_streamed_trims_are_bit_identical(
     monkeypatch.setattr(kernels, "REDUCE_BLOCK", 96)  # L1 norms over many blocks, a short last one
     # streamed, the magnitude cuts also take the sampled selection (introselect when whole)
     settings: dict[str, Patches] = {
-        "whole": {(execute, "_CHUNK_FROM"): 1 << 62, (gta, "CHUNK"): 1 << 18, (kernels, "_GUESS_FROM"): 1 << 62},
-        "streamed": {(execute, "_CHUNK_FROM"): 1, (gta, "CHUNK"): 1000, (kernels, "_GUESS_FROM"): 64},
+        "whole": {(blocks, "CHUNK_FROM"): 1 << 62, (gta, "CHUNK"): 1 << 18, (kernels, "_GUESS_FROM"): 1 << 62},
+        "streamed": {(blocks, "CHUNK_FROM"): 1, (gta, "CHUNK"): 1000, (kernels, "_GUESS_FROM"): 64},
     }
     outputs = outputs_under(settings, recipe, tmp_path, monkeypatch)
     assert outputs["whole"] == outputs["streamed"]
@@ -133,7 +134,7 @@ def test_streamed_path_is_taken(tmp_path: Path, llama: dict[str, Path], monkeypa
     monkeypatch.setattr(
         ties, "gta_stream", lambda stream, cut, consensus: calls.append(1) or real(stream, cut, consensus)
     )
-    monkeypatch.setattr(execute, "_CHUNK_FROM", 1)
+    monkeypatch.setattr(blocks, "CHUNK_FROM", 1)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(GTA.format(method="ties", **llama))
     assert CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / "out"), "-q"]).exit_code == 0
@@ -166,8 +167,8 @@ def test_streamed_global_statistics_are_bit_identical(
     paths: list[str] = []
     monkeypatch.setattr(execute._Readers, "path", lambda self, job: paths.append(real_path(self, job)) or paths[-1])
     settings: dict[str, Patches] = {
-        "whole": {(execute, "_CHUNK_FROM"): 1 << 62, (gta, "CHUNK"): 1 << 18},
-        "streamed": {(execute, "_CHUNK_FROM"): 1, (gta, "CHUNK"): 1000},
+        "whole": {(blocks, "CHUNK_FROM"): 1 << 62, (gta, "CHUNK"): 1 << 18},
+        "streamed": {(blocks, "CHUNK_FROM"): 1, (gta, "CHUNK"): 1000},
     }
     outputs = {}
     for label, patches in settings.items():

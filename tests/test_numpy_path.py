@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
-import gift_merge.numpy_engine as numpy_engine
+import gift_merge.blocks as blocks
 from gift_merge.cli import main
 from gift_merge.dtypes import BFLOAT16, FLOAT16, FLOAT32, DType
 from gift_merge.errors import GiftMergeError
@@ -19,7 +21,8 @@ from gift_merge.execute import choose_engine
 from gift_merge.floatbits import narrow, to_float32, widen
 from gift_merge.merge import plan_recipe
 from gift_merge.recipe import load_recipe
-from gift_merge.tiny_models import build_adapter, build_family
+from gift_merge.tiny_models import build_family
+from tests.adapter_variants import VARIANTS
 from tests.test_chunking import digest
 
 
@@ -107,7 +110,12 @@ def test_numpy_path_writes_the_torch_paths_bytes(
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPES[method].format(**family))
     assert choose_engine(plan_recipe(load_recipe(recipe))[-1], "cpu") == "numpy"
-    monkeypatch.setattr(numpy_engine, "CHUNK", 999)  # blocks that end mid-row and mid-vector
+    monkeypatch.setattr(blocks, "CHUNK_FROM", 1)  # blocks of rows even for tiny tensors, ending mid-tensor
+    monkeypatch.setattr(blocks, "ELEMENTWISE_CHUNK", 999)
+    assert_engines_agree(recipe, tmp_path)
+
+
+def assert_engines_agree(recipe: Path, tmp_path: Path) -> None:
     outputs = {}
     for engine in ("torch", "numpy"):
         result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / engine), "-q", "--engine", engine])
@@ -117,35 +125,69 @@ def test_numpy_path_writes_the_torch_paths_bytes(
     assert outputs["numpy"]  # something was written
 
 
-def test_engine_choice_says_why_numpy_cannot_run(tmp_path: Path, llama: dict[str, Path]) -> None:
-    ties = tmp_path / "ties.yaml"
-    ties.write_text(f"merge_method: ties\nbase_model: {llama['base']}\nmodels:\n  - model: {llama['math']}\n"
-                    "    parameters: {weight: 1, density: 0.5}\n")  # fmt: skip
-    plan = plan_recipe(load_recipe(ties))[-1]
-    assert choose_engine(plan, "cpu") == "torch"
-    with pytest.raises(GiftMergeError, match="ties has no numpy kernel"):
-        choose_engine(plan, "cpu", "numpy")
-    linear = tmp_path / "linear.yaml"
-    linear.write_text(RECIPES["linear"].format(**llama))
-    plan = plan_recipe(load_recipe(linear))[-1]
-    assert choose_engine(plan, "cpu") == "numpy"
-    assert choose_engine(plan, "cpu", "torch") == "torch"
-    assert choose_engine(plan, "cuda") == "torch"
-    result = CliRunner().invoke(main, ["run", str(ties), str(tmp_path / "out"), "-q", "--engine", "numpy"])
-    assert result.exit_code == 2
-    assert "--engine numpy: ties has no numpy kernel" in result.output
-    assert not (tmp_path / "out").exists()
+NUMPY_VARIANTS = ["plain", "rslora-patterns", "gpt2-conv1d", "qwen2-bias", "llama-embedding-delta-only"]
+"""Adapters whose every patch is a delta independent of the weight (LoRA, rsLoRA with patterns, Conv1D,
+LoRA bias, embedding LoRA); the others change the weight relative to itself and stay on torch."""
 
 
-def test_a_merge_with_an_adapter_runs_on_torch(tmp_path: Path, llama: dict[str, Path]) -> None:
-    adapter = build_adapter(llama["base"], tmp_path / "adapter", seed=5)
+@pytest.fixture(scope="module")
+def delta_adapters(adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared adapters, plus the embedding LoRA without the copy of the embedding that peft saves
+    beside it (which makes its patch replace the weight): the only way to reach the transposed product."""
+    embedding = tmp_path_factory.mktemp("delta-only") / "adapter"
+    shutil.copytree(adapters["llama-embedding"], embedding)
+    weights = embedding / "adapter_model.safetensors"
+    kept = {k: v for k, v in load_file(weights).items() if not k.endswith("base_layer.weight")}
+    save_file(kept, weights)
+    return adapters | {"llama-embedding-delta-only": embedding}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "row-blocks"])
+@pytest.mark.parametrize("variant", NUMPY_VARIANTS)
+def test_adapter_transfers_write_the_torch_paths_bytes(
+    tmp_path: Path,
+    families: dict[str, dict[str, Path]],
+    delta_adapters: dict[str, Path],
+    variant: str,
+    streamed: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gift with λ ≠ 1 (fp32 math) and ``model+adapter`` under passthrough (fp64, as the planner asks for
+    patched inputs), whole and in blocks of rows."""
+    if streamed:
+        monkeypatch.setattr(blocks, "CHUNK_FROM", 1)
+        monkeypatch.setattr(blocks, "ELEMENTWISE_CHUNK", 200)
+    instruct = families[VARIANTS[variant.removesuffix("-delta-only")][0]]["instruct"]
+    adapter = delta_adapters[variant]
+    texts = {
+        "gift": f"merge_method: gift\nbase_model: {instruct}\nmodels:\n  - model: {adapter}\n"
+        "    parameters: {weight: 0.7}\nout_dtype: bfloat16\n",
+        "patched": f"merge_method: passthrough\nmodels:\n  - model: {instruct}+{adapter}\n",
+    }
+    for name, text in texts.items():
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(text)
+        assert choose_engine(plan_recipe(load_recipe(recipe))[-1], "cpu") == "numpy"
+        assert_engines_agree(recipe, tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    ("variant", "reason"),
+    [
+        ("dora", "is dora"),
+        ("modules-to-save", "replaces its weight"),
+        ("llama-embedding", "is embedding over a saved base layer"),
+    ],
+)
+def test_patches_relative_to_the_weight_run_on_torch(
+    tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path], variant: str, reason: str
+) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        f"merge_method: linear\nmodels:\n  - model: {llama['math']}+{adapter}\n  - model: {llama['code']}\n"
-        "parameters: {weight: 0.5}\n"
-    )
+    recipe.write_text(f"merge_method: gift\nbase_model: {families['llama']['instruct']}\nmodels:\n"
+                      f"  - model: {adapters[variant]}\n")  # fmt: skip
     plan = plan_recipe(load_recipe(recipe))[-1]
-    with pytest.raises(GiftMergeError, match="carries an adapter"):
+    assert choose_engine(plan, "cpu") == "torch"
+    with pytest.raises(GiftMergeError, match=f"{reason}, which is not a plain delta"):
         choose_engine(plan, "cpu", "numpy")
 
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from gift_merge.errors import GiftMergeError
+from gift_merge.floatbits import to_math
 from gift_merge.io.reader import CheckpointReader, pickle_allowed
 from gift_merge.lazy import torch
 
@@ -174,8 +177,11 @@ class AdapterReader:
         """Rows ``rows`` of an additive patch's delta, in ``like``'s dtype and device.
 
         Lets the executor stream a transfer block of rows by block of rows: only ``rows × in`` of ΔW
-        exists at a time, never the whole matrix.
+        exists at a time, never the whole matrix. On the CPU this is :meth:`delta_rows_array`, so the torch
+        and numpy engines form every block of ΔW with one and the same product.
         """
+        if like.device.type == "cpu":
+            return torch.from_numpy(self.delta_rows_array(patch, rows, like.numpy().dtype))
         if not patch.additive:
             raise ValueError(f"module {patch.module}: only additive patches can be computed by rows")
         device, dtype = like.device, like.dtype
@@ -189,6 +195,24 @@ class AdapterReader:
             # stored (in, out) (embeddings, GPT-2 Conv1D): its rows are columns of B·A
             return (widened(patch.b, (slice(None),)) @ widened(patch.a, (slice(None), rows))).T * patch.scale
         return (widened(patch.b, (rows,)) @ widened(patch.a, (slice(None),))) * patch.scale  # (out, r) @ (r, in)
+
+    def delta_rows_array(self, patch: Patch, rows: slice, dtype: np.dtype) -> np.ndarray:
+        """:meth:`delta_rows` in numpy, in ``dtype`` (float32 or float64): the CPU's one implementation."""
+        if not patch.additive:
+            raise ValueError(f"module {patch.module}: only additive patches can be computed by rows")
+
+        def widened(name: str | None, part: tuple[slice, ...]) -> np.ndarray:
+            info = self._tensors.info(name or "")
+            return to_math(self._tensors.read_array(info.name)[part], info.dtype, dtype)
+
+        if patch.kind == "bias":
+            return widened(patch.extra, (rows,)) * patch.scale
+        if patch.kind == "embedding" or patch.fan_in_fan_out:
+            product = np.matmul(widened(patch.b, (slice(None),)), widened(patch.a, (slice(None), rows))).T
+        else:
+            product = np.matmul(widened(patch.b, (rows,)), widened(patch.a, (slice(None),)))
+        product *= patch.scale
+        return product
 
     def patched(self, patch: Patch, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` after peft's ``merge_and_unload`` of this patch."""

@@ -14,16 +14,20 @@ between θ_I (λ = 0) and peft's result (λ = 1).
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
-from gift_merge.lazy import torch
 from gift_merge.operators.base import MergeInputs, Operator, Param
 
 
-def _gift(inputs: MergeInputs) -> torch.Tensor:
-    assert inputs.base is not None
-    result = inputs.base.clone()
+def _gift(inputs: MergeInputs[Any]) -> Any:
+    """θ + Σ λ·ΔW for torch tensors and numpy arrays alike: λ·ΔW is rounded before the sum (no fused
+    multiply-add, which numpy lacks), so both engines give the same bits."""
+    if inputs.base is None:
+        raise ValueError("gift needs the receiving model's tensor as its base")
+    result = inputs.base
     for delta, params in zip(inputs.tensors, inputs.model_params, strict=True):
-        result.add_(delta, alpha=float(params["weight"]))
+        weight = float(params["weight"])
+        result = result + (delta if weight == 1 else delta * weight)
     return result
 
 
@@ -37,5 +41,6 @@ GIFT = Operator(
     summary="θ_base + Σ λ·ΔW: transfer LoRA adapters (GIFT, LoRA transfer) into base_model",
     paper="https://arxiv.org/abs/2605.01256",
     elementwise=True,
+    numpy=_gift,
 )
 LORA_TRANSFER = replace(GIFT, name="lora_transfer", summary="alias of gift")

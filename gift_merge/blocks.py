@@ -1,0 +1,33 @@
+"""How a job's output is cut into blocks of rows: one rule for both engines.
+
+The numpy and torch engines compute an adapter's ΔW for the same blocks of rows with the same product
+(:meth:`AdapterReader.delta_rows_array`), which is what makes their outputs equal bit for bit. Small
+tensors are one block; large ones a few MB of float32 per input at a time.
+"""
+
+from __future__ import annotations
+
+ELEMENTWISE_CHUNK = 1 << 19
+"""Entries per block of rows: 2 MB per fp32 input, cache-resident."""
+CHUNK_FROM = 1 << 20
+"""Tensors below this many entries are one block: smaller ones gain nothing from slicing."""
+
+
+def rows_per_block(shape: tuple[int, ...]) -> int:
+    """Rows of a block for a tensor of ``shape`` (all of them below :data:`CHUNK_FROM` entries)."""
+    if not shape:
+        return 1
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel < CHUNK_FROM:
+        return max(shape[0], 1)
+    row_numel = numel // shape[0] if shape[0] else 1
+    return max(1, ELEMENTWISE_CHUNK // max(row_numel, 1))
+
+
+def row_blocks(shape: tuple[int, ...]) -> list[slice]:
+    """The blocks of rows of a tensor of ``shape``, in order (one slice for a 0-d tensor)."""
+    rows = shape[0] if shape else 1
+    step = rows_per_block(shape)
+    return [slice(start, start + step) for start in range(0, rows, step)] or [slice(0, 0)]
