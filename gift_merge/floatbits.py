@@ -19,6 +19,14 @@ NUMPY_FLOATS = (FLOAT32, FLOAT16, BFLOAT16)
 _BF16_NAN = np.uint16(0xFFFF)
 
 
+def stored_dtype(bits: np.ndarray) -> DType:
+    """Which float dtype an array of stored bits holds: uint16 is bfloat16 by the reader's convention."""
+    for dtype in NUMPY_FLOATS:
+        if bits.dtype == dtype.storage:
+            return dtype
+    raise ValueError(f"the numpy path does not read {bits.dtype} arrays")
+
+
 def widen(bits: np.ndarray, dtype: DType) -> np.ndarray:
     """float32 values of stored ``bits`` of ``dtype``; float32 input comes back as is (not a copy)."""
     if dtype == FLOAT32:

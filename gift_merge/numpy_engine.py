@@ -2,7 +2,8 @@
 
 ``import torch`` takes longer than a whole linear merge of a 0.5B model on a small CPU machine, and
 torch's per-op overhead on cache-sized blocks is more than numpy's. A plan whose every job is a copy
-or an operator with a numpy kernel (:attr:`Operator.numpy`: linear, task arithmetic, passthrough, gift),
+or an operator with a numpy kernel (:attr:`Operator.numpy`: linear, task arithmetic, passthrough, gift;
+:attr:`Operator.numpy_stream`: slerp, model_stock),
 on the CPU, with float16/bfloat16/float32 tensors and only additive adapter patches (LoRA, embedding
 LoRA, LoRA bias), therefore runs here. It computes what the torch path computes, rounding for rounding,
 on the same blocks of rows (:mod:`gift_merge.blocks`), and forms ΔW with the product the torch path uses
@@ -16,10 +17,10 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 
 from gift_merge import blocks
-from gift_merge.floatbits import NUMPY_FLOATS, narrow, to_math
+from gift_merge.floatbits import NUMPY_FLOATS, narrow, stored_dtype, to_math
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.operators import get_operator
-from gift_merge.operators.base import MergeInputs
+from gift_merge.operators.base import MergeInputs, StreamInputs
 from gift_merge.plan import MergePlan, TensorJob, TensorSource
 
 
@@ -31,8 +32,12 @@ def numpy_unsupported(plan: MergePlan, device: str) -> str | None:
         if job.copy:
             continue
         op = get_operator(job.operator)
-        if op.numpy is None:
+        if op.numpy is None and op.numpy_stream is None:
             return f"{op.name} has no numpy kernel"
+        if op.numpy is None and (
+            job.base is None or any(src.name in plan.models[src.model].patches for src in job.sources)
+        ):
+            return f"tensor {job.name}: {op.name} runs on numpy only without adapters and with a base"
         for src in job.sources:
             model = plan.models[src.model]
             patch = model.patches.get(src.name)
@@ -79,8 +84,10 @@ class NumpyEngine:
         """One output tensor's bits (in ``job.out_dtype.storage``), block of rows by block of rows."""
         if job.copy:
             return self._bits(job.inputs[0], job)
-        kernel = get_operator(job.operator).numpy
-        assert kernel is not None
+        op = get_operator(job.operator)
+        if op.numpy is None:
+            return self._stream(job)
+        kernel = op.numpy
         out = np.empty(job.shape, dtype=job.out_dtype.storage)
         for rows in blocks.row_blocks(job.shape):
             values = MergeInputs(
@@ -92,6 +99,24 @@ class NumpyEngine:
             )
             narrow(kernel(values), job.out_dtype, out[rows] if out.ndim else out)
         return out
+
+    def _stream(self, job: TensorJob) -> np.ndarray:
+        """An operator with whole-tensor statistics, on flat stored bits: its numpy ``stream`` kernel, for
+        every size (the torch path's whole-tensor ``apply`` gives the same bits, tested)."""
+        kernel = get_operator(job.operator).numpy_stream
+        assert kernel is not None and job.base is not None
+        math = np.dtype(job.math_dtype.name)
+        stream = StreamInputs(
+            tensors=[self._bits(s, job).reshape(-1) for s in job.inputs],
+            base=self._bits(job.base, job).reshape(-1),
+            widen=lambda bits: to_math(bits, stored_dtype(bits), math, job.load_dtype),
+            out_dtype=job.out_dtype,
+            shape=job.shape,
+            model_params=job.model_params,
+            params=job.params,
+            tensor_name=job.name,
+        )
+        return kernel(stream).reshape(job.shape)
 
     @staticmethod
     def threads(workers: int) -> AbstractContextManager[object]:

@@ -14,6 +14,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import gift_merge.blocks as blocks
+import gift_merge.operators.gta as gta
+import gift_merge.operators.kernels as kernels
 from gift_merge.cli import main
 from gift_merge.dtypes import BFLOAT16, FLOAT16, FLOAT32, DType
 from gift_merge.errors import GiftMergeError
@@ -91,6 +93,12 @@ RECIPES = {
     "task_arithmetic_normalized": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
     "  - {{model: {math}, parameters: {{weight: [0.1, 0.8]}}}}\n  - {{model: {code}, parameters: {{weight: 0.45}}}}\n"
     "parameters: {{normalize: true}}\ndtype: bfloat16\nout_dtype: float32\n",
+    "slerp": "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {math}\n"
+    "parameters: {{t: [{{filter: self_attn, value: [0.1, 0.9]}}, {{value: 0.35}}]}}\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {math}\n  - model: {code}\n"
+    "  - model: {instruct}\nout_dtype: bfloat16\n",
+    "model_stock_rows": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {math}\n"
+    "  - model: {code}\nparameters: {{filter_wise: true}}\n",
     "passthrough": "merge_method: passthrough\nslices:\n  - sources: [{{model: {math}, layer_range: [0, 2]}}]\n"
     "  - sources: [{{model: {code}, layer_range: [1, 3], parameters: {{scale: [{{filter: o_proj, value: 0}}, "
     "{{value: 1.5}}]}}}}]\n",
@@ -103,15 +111,21 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return build_family(tmp_path_factory.mktemp(request.param), "llama", seed=11, dtype=dtype)
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["whole", "blocks"])
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_numpy_path_writes_the_torch_paths_bytes(
-    tmp_path: Path, family: dict[str, Path], method: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, family: dict[str, Path], method: str, blocked: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Against torch's whole-tensor path, and against its row blocks and streams with small blocks that
+    end mid-row (the numpy engine streams every size, so its own blocks are small here too)."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPES[method].format(**family))
     assert choose_engine(plan_recipe(load_recipe(recipe))[-1], "cpu") == "numpy"
-    monkeypatch.setattr(blocks, "CHUNK_FROM", 1)  # blocks of rows even for tiny tensors, ending mid-tensor
-    monkeypatch.setattr(blocks, "ELEMENTWISE_CHUNK", 999)
+    if blocked:
+        monkeypatch.setattr(blocks, "CHUNK_FROM", 1)
+        monkeypatch.setattr(blocks, "ELEMENTWISE_CHUNK", 999)
+    monkeypatch.setattr(gta, "CHUNK", 1000)
+    monkeypatch.setattr(kernels, "REDUCE_BLOCK", 1 << 10)
     assert_engines_agree(recipe, tmp_path)
 
 

@@ -74,18 +74,20 @@ class MergeInputs(Generic[Array]):
 
 
 @dataclass(frozen=True)
-class StreamInputs:
+class StreamInputs(Generic[Array]):
     """What a streaming operator gets: inputs still in their stored dtype, flattened, never widened whole.
 
     ``widen`` turns a slice of any of them into the compute dtype on the compute device, exactly as the
     executor would have converted the whole tensor, so a streaming implementation can match the whole-tensor
-    ``apply`` bit for bit while holding only slices in fp32.
+    ``apply`` bit for bit while holding only slices in fp32. For :attr:`Operator.numpy_stream` the inputs
+    are stored bits (bf16 as uint16) and ``out_dtype`` is a :class:`gift_merge.dtypes.DType`, which the
+    kernel rounds to with :func:`gift_merge.floatbits.narrow`.
     """
 
-    tensors: Sequence[torch.Tensor]
-    base: torch.Tensor
-    widen: Callable[[torch.Tensor], torch.Tensor]
-    out_dtype: torch.dtype
+    tensors: Sequence[Array]
+    base: Array
+    widen: Callable[[Array], Array]
+    out_dtype: Any
     shape: tuple[int, ...] = ()  # the tensor's shape, for statistics taken along rows
     model_params: Sequence[Mapping[str, Any]] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -110,7 +112,8 @@ class Operator:
     tensors, holding whole-tensor statistics but only slices of the inputs in the compute dtype.
     ``numpy``, where given (elementwise operators only), is ``apply`` on float32 numpy arrays with the
     same roundings in the same order, so a merge of such operators can run without importing torch
-    (``gift_merge.numpy_engine``); tests/test_numpy_path.py holds every one to ``apply``'s bytes.
+    (``gift_merge.numpy_engine``); ``numpy_stream`` is ``stream`` in numpy, returning the output's bits.
+    tests/test_numpy_path.py holds every one to the torch path's bytes.
     """
 
     name: str
@@ -125,8 +128,9 @@ class Operator:
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
     deltas: bool = False
     elementwise: bool = False
-    stream: Callable[[StreamInputs], torch.Tensor] | None = None
+    stream: Callable[[StreamInputs[torch.Tensor]], torch.Tensor] | None = None
     numpy: Callable[[MergeInputs[np.ndarray]], np.ndarray] | None = None
+    numpy_stream: Callable[[StreamInputs[np.ndarray]], np.ndarray] | None = None
 
     @property
     def global_params(self) -> tuple[Param, ...]:

@@ -214,8 +214,8 @@ def _kept_l1_factor(stream: StreamInputs, tensor: torch.Tensor, keep: torch.Tens
     for start in range(0, stream.base.numel(), kernels.REDUCE_BLOCK):
         part = slice(start, start + kernels.REDUCE_BLOCK)
         magnitude = (stream.widen(tensor[part]) - stream.widen(stream.base[part])).abs_()
-        before += float(magnitude.sum())
-        after += float(magnitude.mul_(keep[part].to(device=magnitude.device, dtype=magnitude.dtype)).sum())
+        before += kernels.block_total(magnitude)
+        after += kernels.block_total(magnitude.mul_(keep[part].to(device=magnitude.device, dtype=magnitude.dtype)))
     return rescale_factor(before, after)
 
 

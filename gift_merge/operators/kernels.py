@@ -42,8 +42,25 @@ REDUCE_BLOCK = 1 << 16
 """Entries per block of a whole-tensor inner product (see :func:`flat_dot`)."""
 
 
+def block_total(x: torch.Tensor) -> float:
+    """Σ x of one block (or any tensor), as a Python float.
+
+    On the CPU this is numpy's pairwise sum, which the numpy engine calls on the same values
+    (:func:`array_total`), so whole-tensor statistics do not depend on the engine; elsewhere ``Tensor.sum``.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return array_total(x.detach().contiguous().numpy())
+    return float(x.sum())
+
+
+def array_total(x: np.ndarray) -> float:
+    """Σ x over all entries in x's own dtype: numpy's pairwise summation (the CPU's one block sum)."""
+    return float(np.add.reduce(x, axis=None))
+
+
 def flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """⟨a, b⟩ over all entries: ``Tensor.sum`` of each 65,536-entry block of a·b, added in float64.
+    """⟨a, b⟩ over all entries: the sum of each 65,536-entry block of a·b (:func:`block_total`), added in
+    float64.
 
     Why blocks: a streaming operator meets the same blocks one slice at a time and so gets the same bits
     as the whole-tensor path, and the float64 total keeps the rounding error at one block's.
@@ -52,12 +69,12 @@ def flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     total = 0.0
     for start in range(0, fa.numel(), REDUCE_BLOCK):
         part = slice(start, start + REDUCE_BLOCK)
-        total += float((fa[part] * fb[part]).sum())
+        total += block_total(fa[part] * fb[part])
     return total
 
 
 def blocked_sum(x: torch.Tensor) -> float:
-    """Σ x over all entries, summed as :func:`flat_dot` sums: float32 blocks, added in float64.
+    """Σ x over all entries, summed as :func:`flat_dot` sums: blocks, added in float64.
 
     The L1 norms of the rescale go through here, so a streamed pass that meets the blocks one slice at
     a time (and never holds |δ| whole) gets the same factor as the whole-tensor path.
@@ -65,7 +82,7 @@ def blocked_sum(x: torch.Tensor) -> float:
     flat = x.reshape(-1)
     total = 0.0
     for start in range(0, flat.numel(), REDUCE_BLOCK):
-        total += float(flat[start : start + REDUCE_BLOCK].sum())
+        total += block_total(flat[start : start + REDUCE_BLOCK])
     return total
 
 
@@ -75,13 +92,33 @@ def flat_norm(a: torch.Tensor) -> float:
 
 
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """⟨a, b⟩ along the last dimension, keeping it: shape (..., 1)."""
-    return (a * b).sum(dim=-1, keepdim=True)
+    """⟨a, b⟩ along the last dimension, keeping it: shape (..., 1). On the CPU numpy's pairwise sums
+    (:func:`array_row_dot`), as in the numpy engine."""
+    product = a * b
+    if product.device.type == "cpu" and product.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(array_row_dot(product.numpy()))
+    return product.sum(dim=-1, keepdim=True)
+
+
+def array_row_dot(product: np.ndarray) -> np.ndarray:
+    """Row sums of an elementwise product along the last axis, keeping it."""
+    return np.add.reduce(product, axis=-1, keepdims=True)
 
 
 def row_norm(a: torch.Tensor) -> torch.Tensor:
-    """‖a‖₂ along the last dimension, keeping it: shape (..., 1)."""
+    """‖a‖₂ along the last dimension, keeping it: shape (..., 1).
+
+    On the CPU the square root is numpy's too: torch's float32 ``sqrt`` there is not correctly rounded
+    (measured: one result in five is 1 ulp off), numpy's is.
+    """
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(array_row_norm(a.detach().numpy()))
     return row_dot(a, a).sqrt()
+
+
+def array_row_norm(a: np.ndarray) -> np.ndarray:
+    """:func:`row_norm` in numpy."""
+    return np.sqrt(array_row_dot(a * a))
 
 
 # --------------------------------------------------------------------------------------------- selection

@@ -17,11 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
+from gift_merge.floatbits import narrow
 from gift_merge.lazy import torch
 
 from . import gta, kernels
 from .base import MergeInputs, Operator, Param, StreamInputs
-from .kernels import flat_dot, row_dot, row_norm
+from .kernels import array_row_dot, array_row_norm, flat_dot, row_dot, row_norm
 
 
 def model_stock_merge(inputs: MergeInputs) -> torch.Tensor:
@@ -44,7 +47,7 @@ def model_stock_merge(inputs: MergeInputs) -> torch.Tensor:
         for j in range(i + 1, len(offsets)):
             dot = row_dot(offsets[i], offsets[j])
             cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0)  # (R, 1)
+    cos = sum(cosines[1:], cosines[0]) / len(cosines)  # (R, 1), summed in pair order
     n = len(ws)
     t = n * cos / (1 + (n - 1) * cos)
     mean = sum(ws[1:], ws[0].clone()) / n
@@ -92,11 +95,58 @@ def model_stock_stream(stream: StreamInputs) -> torch.Tensor:
         base = stream.widen(stream.base[part])
         offsets = [stream.widen(t[part]) - base for t in stream.tensors]
         for i, j in pairs:
-            pairs[i, j] += float((offsets[i] * offsets[j]).sum())
+            pairs[i, j] += kernels.block_total(offsets[i] * offsets[j])
     t = _ratio(pairs, count)
     for start in range(0, n, gta.CHUNK):
         part = slice(start, start + gta.CHUNK)
         out[part] = _interpolate([stream.widen(x[part]) for x in stream.tensors], stream.widen(stream.base[part]), t)
+    return out
+
+
+def _rows_numpy(ws: Sequence[np.ndarray], b: np.ndarray) -> np.ndarray:
+    """The ``filter_wise`` branch of :func:`model_stock_merge` in numpy, on (R, n) rows: same order of
+    operations, and the row sums both engines take (:func:`kernels.array_row_dot`)."""
+    offsets = [w - b for w in ws]
+    norms = [array_row_norm(d) for d in offsets]
+    cosines = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            dot = array_row_dot(offsets[i] * offsets[j])
+            cosines.append(np.clip(dot / np.maximum(norms[i] * norms[j], 1e-6), -1, 1))
+    cos = sum(cosines[1:], cosines[0]) / len(cosines)
+    n = len(ws)
+    t = n * cos / (1 + (n - 1) * cos)
+    mean = sum(ws[1:], ws[0]) / n
+    return t * mean + (1 - t) * b
+
+
+def model_stock_numpy_stream(stream: StreamInputs[np.ndarray]) -> np.ndarray:
+    """:func:`model_stock_stream` in numpy; returns the output's bits."""
+    n = stream.base.size
+    out = np.empty(n, dtype=stream.out_dtype.storage)
+    if stream.params["filter_wise"] and len(stream.shape) >= 2:
+        width = stream.shape[-1]
+        rows = max(1, gta.CHUNK // width) * width
+        for start in range(0, n, rows):
+            part = slice(start, start + rows)
+            ws = [stream.widen(t[part]).reshape(-1, width) for t in stream.tensors]
+            mixed = _rows_numpy(ws, stream.widen(stream.base[part]).reshape(-1, width))
+            narrow(mixed.reshape(-1), stream.out_dtype, out[part])
+        return out
+    count = len(stream.tensors)
+    pairs = dict.fromkeys(((i, j) for i in range(count) for j in range(i, count)), 0.0)
+    for start in range(0, n, kernels.REDUCE_BLOCK):
+        part = slice(start, start + kernels.REDUCE_BLOCK)
+        base = stream.widen(stream.base[part])
+        offsets = [stream.widen(t[part]) - base for t in stream.tensors]
+        for i, j in pairs:
+            pairs[i, j] += kernels.array_total(offsets[i] * offsets[j])
+    t = _ratio(pairs, count)
+    for start in range(0, n, gta.CHUNK):
+        part = slice(start, start + gta.CHUNK)
+        ws = [stream.widen(x[part]) for x in stream.tensors]
+        mean = sum(ws[1:], ws[0]) / count
+        narrow(t * mean + (1 - t) * stream.widen(stream.base[part]), stream.out_dtype, out[part])
     return out
 
 
@@ -109,4 +159,5 @@ MODEL_STOCK = Operator(
     summary="Interpolate from the base towards the mean of the fine-tunes by a ratio set by their angle.",
     paper="https://arxiv.org/abs/2403.19522",
     stream=model_stock_stream,
+    numpy_stream=model_stock_numpy_stream,
 )

@@ -15,6 +15,9 @@ outside [0, 1] (extrapolation along the arc); here that is rejected as a likely 
 
 from __future__ import annotations
 
+import numpy as np
+
+from gift_merge.floatbits import narrow
 from gift_merge.lazy import torch
 
 from . import gta, kernels
@@ -38,14 +41,35 @@ def slerp_stream(stream: StreamInputs) -> torch.Tensor:
     for start in range(0, n, kernels.REDUCE_BLOCK):
         part = slice(start, start + kernels.REDUCE_BLOCK)
         v0, v1 = stream.widen(base[part]), stream.widen(other[part])
-        norm0_sq += float((v0 * v0).sum())
-        norm1_sq += float((v1 * v1).sum())
-        dot += float((v0 * v1).sum())
+        norm0_sq += kernels.block_total(v0 * v0)
+        norm1_sq += kernels.block_total(v1 * v1)
+        dot += kernels.block_total(v0 * v1)
     s0, s1 = slerp_coefficients(float(stream.params["t"]), norm0_sq, norm1_sq, dot)
     out = torch.empty(n, dtype=stream.out_dtype)
     for start in range(0, n, gta.CHUNK):
         part = slice(start, start + gta.CHUNK)
         out[part] = s0 * stream.widen(base[part]) + s1 * stream.widen(other[part])
+    return out
+
+
+def slerp_numpy_stream(stream: StreamInputs[np.ndarray]) -> np.ndarray:
+    """:func:`slerp_stream` in numpy: the same blocks, sums and roundings; returns the output's bits."""
+    base, other = stream.base, stream.tensors[0]
+    n = base.size
+    norm0_sq = norm1_sq = dot = 0.0
+    for start in range(0, n, kernels.REDUCE_BLOCK):
+        part = slice(start, start + kernels.REDUCE_BLOCK)
+        v0, v1 = stream.widen(base[part]), stream.widen(other[part])
+        norm0_sq += kernels.array_total(v0 * v0)
+        norm1_sq += kernels.array_total(v1 * v1)
+        dot += kernels.array_total(v0 * v1)
+    s0, s1 = slerp_coefficients(float(stream.params["t"]), norm0_sq, norm1_sq, dot)
+    out = np.empty(n, dtype=stream.out_dtype.storage)
+    for start in range(0, n, gta.CHUNK):
+        part = slice(start, start + gta.CHUNK)
+        mixed = stream.widen(base[part]) * s0
+        mixed += stream.widen(other[part]) * s1
+        narrow(mixed, stream.out_dtype, out[part])
     return out
 
 
@@ -59,4 +83,5 @@ SLERP = Operator(
     summary="Spherical interpolation between the base and one other model.",
     paper="https://doi.org/10.1145/325165.325242",
     stream=slerp_stream,
+    numpy_stream=slerp_numpy_stream,
 )
