@@ -56,8 +56,8 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where earlier stages of a multi-document recipe go [default: OUT-stages].")  # fmt: skip
 @click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
-              help="numpy: CPU without torch for linear, task_arithmetic, passthrough, gift, slerp, model_stock "
-                   "(same bytes); torch: everything; auto: numpy where the whole merge allows it.")  # fmt: skip
+              help="numpy: the CPU path without torch (same bytes), all methods but della, nuslerp, multislerp, "
+                   "karcher and sce; torch: everything; auto: numpy where the whole merge allows it.")  # fmt: skip
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar.")
 @click.pass_context
 @handle_errors

@@ -236,7 +236,9 @@ def execute_plan(
 ) -> ShardedWriter:
     """Write the plan's tensors into ``folder`` (a temporary folder the caller renames on success)."""
     runner: _TorchEngine | NumpyEngine
-    runner = NumpyEngine(plan) if choose_engine(plan, device, engine) == "numpy" else _TorchEngine(plan, device, seed)
+    runner = (
+        NumpyEngine(plan, seed) if choose_engine(plan, device, engine) == "numpy" else _TorchEngine(plan, device, seed)
+    )
     writer = ShardedWriter(folder, [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs], max_shard_bytes)
     workers = workers or default_workers()
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label,

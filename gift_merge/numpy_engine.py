@@ -3,7 +3,7 @@
 ``import torch`` takes longer than a whole linear merge of a 0.5B model on a small CPU machine, and
 torch's per-op overhead on cache-sized blocks is more than numpy's. A plan whose every job is a copy
 or an operator with a numpy kernel (:attr:`Operator.numpy`: linear, task arithmetic, passthrough, gift;
-:attr:`Operator.numpy_stream`: slerp, model_stock),
+:attr:`Operator.numpy_stream`: slerp, model_stock, TIES, DARE, breadcrumbs),
 on the CPU, with float16/bfloat16/float32 tensors and only additive adapter patches (LoRA, embedding
 LoRA, LoRA bias), therefore runs here. It computes what the torch path computes, rounding for rounding,
 on the same blocks of rows (:mod:`gift_merge.blocks`), and forms ΔW with the product the torch path uses
@@ -20,7 +20,7 @@ from gift_merge import blocks
 from gift_merge.floatbits import NUMPY_FLOATS, narrow, stored_dtype, to_math
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.operators import get_operator
-from gift_merge.operators.base import MergeInputs, StreamInputs
+from gift_merge.operators.base import MergeInputs, StreamInputs, generator_for
 from gift_merge.plan import MergePlan, TensorJob, TensorSource
 
 
@@ -57,8 +57,9 @@ def numpy_unsupported(plan: MergePlan, device: str) -> str | None:
 class NumpyEngine:
     """Computes jobs of a plan that :func:`numpy_unsupported` accepted; thread-safe (one job per thread)."""
 
-    def __init__(self, plan: MergePlan) -> None:
+    def __init__(self, plan: MergePlan, seed: int = 0) -> None:
         self.models = plan.models
+        self.seed = seed
         used = {src.model for job in plan.jobs for src in job.sources}
         self._readers = {f: CheckpointReader(f) for f in {plan.models[label].folder for label in used}}
 
@@ -103,7 +104,8 @@ class NumpyEngine:
     def _stream(self, job: TensorJob) -> np.ndarray:
         """An operator with whole-tensor statistics, on flat stored bits: its numpy ``stream`` kernel, for
         every size (the torch path's whole-tensor ``apply`` gives the same bits, tested)."""
-        kernel = get_operator(job.operator).numpy_stream
+        op = get_operator(job.operator)
+        kernel = op.numpy_stream
         assert kernel is not None and job.base is not None
         math = np.dtype(job.math_dtype.name)
         stream = StreamInputs(
@@ -114,6 +116,7 @@ class NumpyEngine:
             shape=job.shape,
             model_params=job.model_params,
             params=job.params,
+            generator=generator_for(self.seed, job.name) if op.random else None,
             tensor_name=job.name,
         )
         return kernel(stream).reshape(job.shape)

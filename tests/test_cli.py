@@ -110,13 +110,14 @@ def test_existing_output_is_refused_then_replaced(tmp_path: Path, llama: dict[st
     assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
 
 
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
 def test_interrupted_merge_leaves_no_output(
-    tmp_path: Path, llama: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, llama: dict[str, Path], monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
-    import gift_merge.execute as execute
+    from gift_merge.io.writer import ShardedWriter
 
     calls = {"n": 0}
-    real = execute.compute_job
+    real = ShardedWriter.write
 
     def interrupt_later(*args, **kwargs):
         calls["n"] += 1
@@ -124,9 +125,9 @@ def test_interrupted_merge_leaves_no_output(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(execute, "compute_job", interrupt_later)
+    monkeypatch.setattr(ShardedWriter, "write", interrupt_later)
     recipe = write(tmp_path, TIES, llama)
-    result = invoke("run", str(recipe), str(tmp_path / "out"), "-q", "--workers", "1")
+    result = invoke("run", str(recipe), str(tmp_path / "out"), "-q", "--workers", "1", "--engine", engine)
     assert result.exit_code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 

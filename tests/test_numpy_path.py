@@ -99,6 +99,25 @@ RECIPES = {
     "  - model: {instruct}\nout_dtype: bfloat16\n",
     "model_stock_rows": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {math}\n"
     "  - model: {code}\nparameters: {{filter_wise: true}}\n",
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n"
+    "  - {{model: {math}, parameters: {{weight: 0.6, density: 0.5}}}}\n"
+    "  - {{model: {code}, parameters: {{weight: -0.5, density: [0.2, 0.9]}}}}\nparameters: {{lambda: 0.8}}\n",
+    "ties_rescaled": "merge_method: ties\nbase_model: {base}\nmodels:\n"
+    "  - {{model: {math}, parameters: {{weight: 1, density: 0.3}}}}\n  - {{model: {code}, parameters: {{weight: 0.7, density: 1}}}}\n"
+    "  - {{model: {instruct}, parameters: {{weight: 0.2, density: 0.05}}}}\nparameters: {{rescale: true, normalize: false}}\n",
+    "dare_ties": "merge_method: dare_ties\nbase_model: {base}\nmodels:\n"
+    "  - {{model: {math}, parameters: {{weight: 0.6, density: 0.4}}}}\n  - {{model: {code}, parameters: {{weight: 0.5, density: 1.0}}}}\n"
+    "  - {{model: {instruct}, parameters: {{weight: 0.3, density: 0.7}}}}\nout_dtype: bfloat16\n",
+    "dare_linear": "merge_method: dare_linear\nbase_model: {base}\nmodels:\n"
+    "  - {{model: {math}, parameters: {{weight: 0.6, density: 0.3}}}}\n  - {{model: {code}, parameters: {{weight: 0.4, density: 0.8}}}}\n"
+    "parameters: {{normalize: true, rescale: false}}\n",
+    "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n"
+    "  - {{model: {math}, parameters: {{weight: 0.6, density: 0.6, gamma: 0.05}}}}\n"
+    "  - {{model: {code}, parameters: {{weight: 0.5, density: 0.9, gamma: 0.2}}}}\n",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n"
+    "  - {{model: {math}, parameters: {{weight: 0.6, density: 0.5, gamma: 0.01}}}}\n"
+    "  - {{model: {code}, parameters: {{weight: 0.5, density: 0.7}}}}\nparameters: {{rescale: true}}\n",
+    "nearswap": "merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {math}\nparameters: {{t: 0.0005}}\n",
     "passthrough": "merge_method: passthrough\nslices:\n  - sources: [{{model: {math}, layer_range: [0, 2]}}]\n"
     "  - sources: [{{model: {code}, layer_range: [1, 3], parameters: {{scale: [{{filter: o_proj, value: 0}}, "
     "{{value: 1.5}}]}}}}]\n",
@@ -126,6 +145,8 @@ def test_numpy_path_writes_the_torch_paths_bytes(
         monkeypatch.setattr(blocks, "ELEMENTWISE_CHUNK", 999)
     monkeypatch.setattr(gta, "CHUNK", 1000)
     monkeypatch.setattr(kernels, "REDUCE_BLOCK", 1 << 10)
+    monkeypatch.setattr(kernels, "_GUESS_FROM", 64)  # the sampled selection, on tiny tensors too
+    monkeypatch.setattr(kernels, "_SAMPLE", 32)
     assert_engines_agree(recipe, tmp_path)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from gift_merge.lazy import torch
 
+from . import gta_numpy
 from .base import MergeInputs, Operator, Param, StreamInputs
 from .checks import interval
 from .gta import KeepMask, gta_merge, gta_params, gta_stream, l1_factor, magnitudes
@@ -78,6 +79,7 @@ BREADCRUMBS = Operator(
     summary="Drop each task vector's outliers and small entries, then add the weighted task vectors.",
     paper=PAPER,
     stream=lambda stream: gta_stream(stream, outlier_cut, consensus=False),
+    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.outlier_cut, consensus=False),
 )
 
 BREADCRUMBS_TIES = Operator(
@@ -88,4 +90,5 @@ BREADCRUMBS_TIES = Operator(
     summary="Breadcrumbs pruning followed by TIES sign election and disjoint merge.",
     paper=PAPER,
     stream=lambda stream: gta_stream(stream, outlier_cut, consensus=True),
+    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.outlier_cut, consensus=True),
 )

@@ -24,6 +24,7 @@ import numpy as np
 
 from gift_merge.lazy import torch
 
+from . import gta_numpy
 from .base import MergeInputs, Operator, StreamInputs
 from .gta import gta_merge, gta_params, gta_stream, random_cut
 from .kernels import masked, random_drop_mask
@@ -67,6 +68,7 @@ DARE_LINEAR = Operator(
     summary="Randomly drop delta entries, rescale, then add the weighted task vectors.",
     paper=PAPER,
     stream=dare_linear_stream,
+    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.random_cut, consensus=False),
 )
 
 DARE_TIES = Operator(
@@ -78,4 +80,5 @@ DARE_TIES = Operator(
     summary="Randomly drop delta entries, rescale, then TIES sign election and disjoint merge.",
     paper=PAPER,
     stream=dare_ties_stream,
+    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.random_cut, consensus=True),
 )

@@ -23,6 +23,7 @@ import numpy as np
 
 from gift_merge.lazy import torch
 
+from . import gta_numpy
 from .base import MergeInputs, Operator, StreamInputs
 from .gta import gta_merge, gta_params, gta_stream, magnitude_cut
 from .kernels import magnitude_mask, masked
@@ -54,4 +55,5 @@ TIES = Operator(
     summary="Trim task vectors to their largest entries, elect a sign per entry, average the agreeing ones.",
     paper="https://arxiv.org/abs/2306.01708",
     stream=ties_stream,
+    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.magnitude_cut, consensus=True),
 )
