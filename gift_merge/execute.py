@@ -1,8 +1,10 @@
 """Run a plan: read → operator (fp32) → cast → write, a few tensors in flight, never a model.
 
-Jobs run on a small thread pool. torch and safetensors release the GIL while they copy and compute,
-so one job's reads overlap another's arithmetic, and the writer puts each finished tensor at its
-planned offset whatever order jobs finish in. At most ``workers + 1`` jobs are in flight, and fewer when
+Two engines compute the jobs and write the same bytes: numpy (:mod:`gift_merge.numpy_engine`) for CPU
+merges whose every method has a numpy kernel, which never imports torch, and torch for everything else
+(any device, every method and adapter). Jobs run on a small thread pool. numpy and torch release the GIL
+while they compute, so one job's reads overlap another's arithmetic, and each worker writes its finished
+tensor at the planned offset whatever order jobs finish in. At most ``workers + 1`` jobs are in flight, and fewer when
 their estimated working sets would exceed ``memory_budget`` (a job larger than the budget runs alone),
 which is what bounds memory. Results do not depend on the order: operators are pure and random ones draw from a
 generator seeded by (seed, tensor name).
@@ -10,6 +12,7 @@ generator seeded by (seed, tensor name).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -29,6 +32,8 @@ from gift_merge.numpy_engine import NumpyEngine, numpy_unsupported
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import MergeInputs, Operator, StreamInputs, generator_for
 from gift_merge.plan import MergePlan, TensorJob, TensorSource
+
+log = logging.getLogger("gift_merge")
 
 
 class _Readers:
@@ -218,6 +223,8 @@ def choose_engine(plan: MergePlan, device: str, engine: str = "auto") -> str:
     reason = numpy_unsupported(plan, device)
     if reason is not None and engine == "numpy":
         raise GiftMergeError(f"--engine numpy: {reason}")
+    if reason is not None:
+        log.info("merging with torch: %s", reason)
     return "numpy" if reason is None else "torch"
 
 

@@ -128,5 +128,10 @@ class NumpyEngine:
 
     @staticmethod
     def working_set(job: TensorJob) -> int:
-        """The output buffer: inputs are views of the page cache and blocks are a few MB."""
-        return 0 if job.copy else job.nbytes
+        """Inputs are views of the page cache and blocks are a few MB, so: the output buffer, plus for a
+        stream the float32 |δ| buffer of one model and a bool mask per model."""
+        if job.copy:
+            return 0
+        if get_operator(job.operator).numpy is not None:
+            return job.nbytes
+        return job.nbytes + job.numel * (4 + len(job.inputs))

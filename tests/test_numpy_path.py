@@ -226,9 +226,10 @@ def test_patches_relative_to_the_weight_run_on_torch(
         choose_engine(plan, "cpu", "numpy")
 
 
-def test_linear_merge_never_imports_torch(tmp_path: Path, llama: dict[str, Path]) -> None:
+@pytest.mark.parametrize("method", ["linear", "dare_ties", "model_stock"])
+def test_a_merge_on_numpy_never_imports_torch(tmp_path: Path, llama: dict[str, Path], method: str) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPES["linear"].format(**llama))
+    recipe.write_text(RECIPES[method].format(**llama))
     code = (
         "import sys\nfrom gift_merge.cli import main\n"
         f"try:\n    main(['run', {str(recipe)!r}, {str(tmp_path / 'out')!r}, '-q'])\nexcept SystemExit as e:\n"
