@@ -112,6 +112,7 @@ def validate(recipe: Path) -> None:
 def plan(recipe: Path) -> None:
     """Print the resolved job of every output tensor."""
     from gift_merge.merge import plan_recipe
+    from gift_merge.numpy_engine import numpy_unsupported
     from gift_merge.plan import describe_job
     from gift_merge.recipe import load_recipe
     from gift_merge.train.stage import TrainPlan
@@ -123,6 +124,8 @@ def plan(recipe: Path) -> None:
             continue
         size = stage_plan.output_bytes / 1e9
         click.echo(f"# stage {name}: {stage_plan.operator.name}, {len(stage_plan.jobs)} tensors, {size:.3f} GB")
+        why_not = numpy_unsupported(stage_plan, "cpu")
+        click.echo(f"# engine on the CPU: {'numpy' if why_not is None else f'torch ({why_not})'}")
         for warning in stage_plan.warnings:
             click.echo(f"# warning: {warning}")
         for job in stage_plan.jobs:

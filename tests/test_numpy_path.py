@@ -239,3 +239,14 @@ def test_a_merge_on_numpy_never_imports_torch(tmp_path: Path, llama: dict[str, P
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False", result.stderr
     assert digest(tmp_path / "out")
+
+
+def test_plan_says_which_engine_runs(tmp_path: Path, llama: dict[str, Path]) -> None:
+    ties = tmp_path / "ties.yaml"
+    ties.write_text(RECIPES["ties"].format(**llama))
+    assert "# engine on the CPU: numpy\n" in CliRunner().invoke(main, ["plan", str(ties)]).output
+    della = tmp_path / "della.yaml"
+    della.write_text(RECIPES["ties"].format(**llama).replace("ties", "della").replace("0.9", "0.8"))
+    planned = CliRunner().invoke(main, ["plan", str(della)])
+    assert planned.exit_code == 0, planned.output
+    assert "# engine on the CPU: torch (della has no numpy kernel)" in planned.output
