@@ -42,12 +42,14 @@ REDUCE_BLOCK = 1 << 16
 """Entries per block of a whole-tensor inner product (see :func:`flat_dot`)."""
 
 
-def block_total(x: torch.Tensor) -> float:
-    """Σ x of one block (or any tensor), as a Python float.
+def block_total(x: Any) -> float:
+    """Σ x of one block (or any tensor or array), as a Python float.
 
-    On the CPU this is numpy's pairwise sum, which the numpy engine calls on the same values
-    (:func:`array_total`), so whole-tensor statistics do not depend on the engine; elsewhere ``Tensor.sum``.
+    On the CPU this is numpy's pairwise sum (:func:`array_total`) for torch tensors and numpy arrays
+    alike, so whole-tensor statistics do not depend on the engine; on other devices ``Tensor.sum``.
     """
+    if isinstance(x, np.ndarray):
+        return array_total(x)
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         return array_total(x.detach().contiguous().numpy())
     return float(x.sum())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +71,20 @@ def _interpolate(tensors: Sequence[torch.Tensor], base: torch.Tensor, t: float) 
     return t * mean + (1 - t) * base
 
 
+def _pair_dots(stream: StreamInputs[Any]) -> dict[tuple[int, int], float]:
+    """⟨δ_i, δ_j⟩ for i ≤ j over the blocks :func:`kernels.flat_dot` sums, a slice at a time; torch
+    tensors or numpy arrays alike (one sum, :func:`kernels.block_total`)."""
+    count = len(stream.tensors)
+    pairs = dict.fromkeys(((i, j) for i in range(count) for j in range(i, count)), 0.0)
+    for start in range(0, len(stream.base), kernels.REDUCE_BLOCK):
+        part = slice(start, start + kernels.REDUCE_BLOCK)
+        base = stream.widen(stream.base[part])
+        offsets = [stream.widen(t[part]) - base for t in stream.tensors]
+        for i, j in pairs:
+            pairs[i, j] += kernels.block_total(offsets[i] * offsets[j])
+    return pairs
+
+
 def model_stock_stream(stream: StreamInputs) -> torch.Tensor:
     """:func:`model_stock_merge` a slice at a time: the inner products over the blocks
     :func:`kernels.flat_dot` sums, then the interpolation; ``filter_wise`` rows are independent, so they
@@ -89,14 +104,7 @@ def model_stock_stream(stream: StreamInputs) -> torch.Tensor:
             out[part] = model_stock_merge(block).reshape(-1)
         return out
     count = len(stream.tensors)
-    pairs = dict.fromkeys(((i, j) for i in range(count) for j in range(i, count)), 0.0)
-    for start in range(0, n, kernels.REDUCE_BLOCK):
-        part = slice(start, start + kernels.REDUCE_BLOCK)
-        base = stream.widen(stream.base[part])
-        offsets = [stream.widen(t[part]) - base for t in stream.tensors]
-        for i, j in pairs:
-            pairs[i, j] += kernels.block_total(offsets[i] * offsets[j])
-    t = _ratio(pairs, count)
+    t = _ratio(_pair_dots(stream), count)
     for start in range(0, n, gta.CHUNK):
         part = slice(start, start + gta.CHUNK)
         out[part] = _interpolate([stream.widen(x[part]) for x in stream.tensors], stream.widen(stream.base[part]), t)
@@ -134,14 +142,7 @@ def model_stock_numpy_stream(stream: StreamInputs[np.ndarray]) -> np.ndarray:
             narrow(mixed.reshape(-1), stream.out_dtype, out[part])
         return out
     count = len(stream.tensors)
-    pairs = dict.fromkeys(((i, j) for i in range(count) for j in range(i, count)), 0.0)
-    for start in range(0, n, kernels.REDUCE_BLOCK):
-        part = slice(start, start + kernels.REDUCE_BLOCK)
-        base = stream.widen(stream.base[part])
-        offsets = [stream.widen(t[part]) - base for t in stream.tensors]
-        for i, j in pairs:
-            pairs[i, j] += kernels.array_total(offsets[i] * offsets[j])
-    t = _ratio(pairs, count)
+    t = _ratio(_pair_dots(stream), count)
     for start in range(0, n, gta.CHUNK):
         part = slice(start, start + gta.CHUNK)
         ws = [stream.widen(x[part]) for x in stream.tensors]

@@ -15,6 +15,8 @@ outside [0, 1] (extrapolation along the arc); here that is rejected as a likely 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from gift_merge.floatbits import narrow
@@ -32,19 +34,26 @@ def slerp_merge(inputs: MergeInputs) -> torch.Tensor:
     return slerp_flat(float(inputs.params["t"]), inputs.base, inputs.tensors[0])
 
 
-def slerp_stream(stream: StreamInputs) -> torch.Tensor:
-    """:func:`slerp_merge` reading the two inputs twice, a slice at a time: once for the norms and the
-    inner product (the same blocks :func:`kernels.flat_dot` sums), once for the interpolation."""
+def _coefficients(stream: StreamInputs[Any]) -> tuple[float, float]:
+    """(s0, s1) from the norms and the inner product, summed over the blocks :func:`kernels.flat_dot`
+    sums, a slice at a time; torch tensors or numpy arrays alike (one sum, :func:`kernels.block_total`)."""
     base, other = stream.base, stream.tensors[0]
-    n = base.numel()
     norm0_sq = norm1_sq = dot = 0.0
-    for start in range(0, n, kernels.REDUCE_BLOCK):
+    for start in range(0, len(base), kernels.REDUCE_BLOCK):
         part = slice(start, start + kernels.REDUCE_BLOCK)
         v0, v1 = stream.widen(base[part]), stream.widen(other[part])
         norm0_sq += kernels.block_total(v0 * v0)
         norm1_sq += kernels.block_total(v1 * v1)
         dot += kernels.block_total(v0 * v1)
-    s0, s1 = slerp_coefficients(float(stream.params["t"]), norm0_sq, norm1_sq, dot)
+    return slerp_coefficients(float(stream.params["t"]), norm0_sq, norm1_sq, dot)
+
+
+def slerp_stream(stream: StreamInputs[torch.Tensor]) -> torch.Tensor:
+    """:func:`slerp_merge` reading the two inputs twice, a slice at a time: once for the norms and the
+    inner product, once for the interpolation."""
+    base, other = stream.base, stream.tensors[0]
+    n = base.numel()
+    s0, s1 = _coefficients(stream)
     out = torch.empty(n, dtype=stream.out_dtype)
     for start in range(0, n, gta.CHUNK):
         part = slice(start, start + gta.CHUNK)
@@ -56,14 +65,7 @@ def slerp_numpy_stream(stream: StreamInputs[np.ndarray]) -> np.ndarray:
     """:func:`slerp_stream` in numpy: the same blocks, sums and roundings; returns the output's bits."""
     base, other = stream.base, stream.tensors[0]
     n = base.size
-    norm0_sq = norm1_sq = dot = 0.0
-    for start in range(0, n, kernels.REDUCE_BLOCK):
-        part = slice(start, start + kernels.REDUCE_BLOCK)
-        v0, v1 = stream.widen(base[part]), stream.widen(other[part])
-        norm0_sq += kernels.array_total(v0 * v0)
-        norm1_sq += kernels.array_total(v1 * v1)
-        dot += kernels.array_total(v0 * v1)
-    s0, s1 = slerp_coefficients(float(stream.params["t"]), norm0_sq, norm1_sq, dot)
+    s0, s1 = _coefficients(stream)
     out = np.empty(n, dtype=stream.out_dtype.storage)
     for start in range(0, n, gta.CHUNK):
         part = slice(start, start + gta.CHUNK)
