@@ -84,6 +84,33 @@ def test_della_ranks_blockwise_are_identical(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(kernels.della_keep_probabilities(delta, 0.5, 0.1), whole)
 
 
+@pytest.mark.parametrize("width", [53, 64, 1])  # odd rows (blocks rounded to even sizes), even rows, columns
+@pytest.mark.parametrize("block", [100, 500, 1 << 18])
+def test_della_mask_drawn_by_blocks_equals_one_whole_draw(
+    width: int, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused mask takes the generator's raw draws in the same order as one tensor-sized draw."""
+    import torch
+
+    from gift_merge.operators import kernels
+    from gift_merge.operators.base import generator_for
+
+    delta = torch.randn(37, width, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).float()
+    probs = kernels.della_keep_probabilities(delta, 0.5, 0.2)
+    expected = kernels.uniform_like(probs, generator_for(7, "w")) < probs
+    monkeypatch.setattr(kernels, "DELLA_BLOCK", block)
+    generator = generator_for(7, "w")
+    assert torch.equal(kernels.della_keep_mask(delta, 0.5, 0.2, generator), expected)
+    assert (
+        generator.bit_generator.random_raw()
+        == generator_for(7, "w")
+        .bit_generator.advance(  # type: ignore[attr-defined]
+            (delta.numel() + 1) // 2
+        )
+        .random_raw()
+    )  # and leaves the generator where the whole draw would
+
+
 TIES_VARIANTS = {
     "default": "{{weight: 0.6, density: 0.5}}",
     "rescale": "{{weight: 0.6, density: 0.3}}\nparameters: {{rescale: true, normalize: false, lambda: 0.8}}",

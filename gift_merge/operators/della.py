@@ -34,7 +34,7 @@ from gift_merge.lazy import torch
 from .base import MergeInputs, Operator, Param, StreamInputs
 from .checks import interval
 from .gta import KeepMask, gta_merge, gta_params, gta_stream, l1_factor, magnitudes
-from .kernels import bernoulli_mask, della_keep_probabilities, masked, skip_draws
+from .kernels import della_keep_mask, masked, skip_draws
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -56,9 +56,8 @@ def magprune_cut(
         skip_draws(stream.generator, stream.base.numel())  # as magprune does
         return None
     magnitude = magnitudes(stream, tensor)
-    probs = della_keep_probabilities(magnitude.view(stream.shape), density, float(model_params["epsilon"]))
-    keep = bernoulli_mask(probs, stream.generator).reshape(-1)
-    del probs
+    keep = della_keep_mask(magnitude.view(stream.shape), density, float(model_params["epsilon"]), stream.generator)
+    keep = keep.reshape(-1)
     return KeepMask(keep, l1_factor(magnitude, keep) if rescale else None)
 
 
@@ -70,8 +69,8 @@ def magprune(
     if density >= 1:
         skip_draws(generator, delta.numel())
         return delta
-    probs = della_keep_probabilities(delta, density, float(model_params["epsilon"]))
-    return masked(delta, bernoulli_mask(probs, generator), rescale)
+    keep = della_keep_mask(delta, density, float(model_params["epsilon"]), generator)
+    return masked(delta, keep, rescale)
 
 
 def check_della(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> str | None:

@@ -16,7 +16,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -364,17 +364,46 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     (stable: equal magnitudes rank by index), r̃ = rank/(n − 1). A one-element row, where mergekit's
     (rank − min)/(max − min) is 0/0, gets r̃ = ½, i.e. p = ρ.
     """
-    rows = _rows(delta)  # (R, n)
-    n = rows.shape[1]
+    rows = _rows(delta)
     probs = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    for part, block in _della_row_blocks(rows, density, epsilon):
+        probs[part] = block
+    return probs.reshape(delta.shape)
+
+
+def della_keep_mask(
+    delta: torch.Tensor, density: float, epsilon: float, generator: np.random.Generator | None
+) -> torch.Tensor:
+    """m ~ Bernoulli(p) for :func:`della_keep_probabilities`' p, as u < p with the :func:`uniform_like`
+    draws, a block of rows at a time: the same mask as ``uniform_like(p) < p`` over the whole tensor
+    (blocks of an even number of entries take the same raw draws in the same order), without the two
+    tensor-sized float32 buffers of probabilities and uniforms."""
+    rows = _rows(delta)
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
+    for part, probs in _della_row_blocks(rows, density, epsilon, even=True):
+        keep[part] = uniform_like(probs, generator) < probs
+    return keep.reshape(delta.shape)
+
+
+def _della_row_blocks(
+    rows: torch.Tensor, density: float, epsilon: float, *, even: bool = False
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows slice, keep probabilities) for blocks of ~``DELLA_BLOCK`` entries of an (R, n) tensor.
+
+    Rows are independent, so the int64 sort indices and ranks exist for one block (a few MB), never for
+    the whole tensor. ``even``: every block but the last holds an even number of entries, so drawing
+    block by block consumes the raw 64-bit draws exactly as one whole-tensor draw.
+    """
+    count, n = rows.shape
     if n == 1:  # mergekit's (rank − min)/(max − min) is 0/0 here; r̃ = ½ gives p = ρ
         half = torch.full(rows.shape, 0.5, dtype=torch.float32, device=rows.device)
-        return ((density - epsilon) + half * (2 * epsilon)).reshape(delta.shape)
-    # Rows are independent: rank a block of rows at a time, so the int64 sort indices and ranks exist for
-    # one block (a few MB), not for the whole tensor (8 bytes per entry, twice).
+        yield slice(0, count), (density - epsilon) + half * (2 * epsilon)
+        return
     block = max(1, DELLA_BLOCK // n)
+    if even and n % 2 and block % 2:
+        block += 1
     positions = torch.arange(n, device=rows.device)
-    for start in range(0, rows.shape[0], block):
+    for start in range(0, count, block):
         magnitudes = rows[start : start + block].abs()
         if magnitudes.device.type == "cpu" and magnitudes.dtype == torch.float32:
             ranks = _stable_row_ranks(magnitudes.numpy())
@@ -382,8 +411,7 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
             order = torch.argsort(magnitudes, dim=1, stable=True)
             ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
         rank_norm = ranks.to(torch.float32) / (n - 1)
-        probs[start : start + block] = (density - epsilon) + rank_norm * (2 * epsilon)
-    return probs.reshape(delta.shape)
+        yield slice(start, start + block), (density - epsilon) + rank_norm * (2 * epsilon)
 
 
 def _stable_row_ranks(magnitudes: np.ndarray) -> torch.Tensor:
@@ -401,11 +429,6 @@ def _stable_row_ranks(magnitudes: np.ndarray) -> torch.Tensor:
     order = torch.from_numpy((keys & np.uint64(0xFFFFFFFF)).astype(np.int64))
     positions = torch.arange(n).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, positions)  # torch's scatter is ~4× numpy's put
-
-
-def bernoulli_mask(probs: torch.Tensor, generator: np.random.Generator | None) -> torch.Tensor:
-    """m ~ Bernoulli(p) element-wise, as u < p with u drawn by :func:`uniform_like`."""
-    return uniform_like(probs, generator) < probs
 
 
 # --------------------------------------------------------------------------------------------- rescale
