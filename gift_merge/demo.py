@@ -19,9 +19,10 @@ def main(root: Path | None = None) -> int:
     if not recipe_path.is_file():
         print(f"error: {recipe_path} not found; run the demo from the repository root", file=sys.stderr)
         return 2
-    from gift_merge.merge import MergeOptions, run_recipe
+    from gift_merge.merge import MergeOptions, run_recipe, stage_folders
     from gift_merge.recipe import load_recipe
     from gift_merge.tiny_models import build_adapter, build_family
+    from gift_merge.train.output import LOG_NAME
 
     models = root / "demo" / "models"
     if not (models / "code" / "config.json").is_file():
@@ -34,7 +35,8 @@ def main(root: Path | None = None) -> int:
     try:
         out = run_recipe(load_recipe(recipe_path), None, MergeOptions(overwrite=True))
         print(f"\nGIFT in one recipe ({pipeline_path.name}): annotate, train a LoRA adapter on the base, transfer …")
-        gift_out = run_recipe(load_recipe(pipeline_path), None, MergeOptions(overwrite=True))
+        pipeline = load_recipe(pipeline_path)
+        gift_out = run_recipe(pipeline, None, MergeOptions(overwrite=True))
     except GiftMergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -52,8 +54,9 @@ def main(root: Path | None = None) -> int:
     print(f"\nmerged model: {out}")
     print(f"  recipe: {recipe_path}   inputs: {models}")
     print(f"  a random tiny model's reply (gibberish is expected): {reply!r}")
-    adapter_out = gift_out.parent / f"{gift_out.name}-stages" / "math-adapter"
-    losses = [json.loads(line)["loss"] for line in (adapter_out / "training_log.jsonl").read_text().splitlines()]
+    train_stage = pipeline.stages[0].name or ""  # the recipe's first document trains the adapter
+    adapter_out = stage_folders(pipeline, gift_out, None)[train_stage]  # where run_recipe trained it
+    losses = [json.loads(line)["loss"] for line in (adapter_out / LOG_NAME).read_text().splitlines()]
     print(f"\nGIFT-merged model: {gift_out}")
     print(f"  adapter: {adapter_out} (GIFT-weighted loss {losses[0]:.2f} → {losses[-1]:.2f} in {len(losses)} steps)")
     print("\nload it like any transformers model:")

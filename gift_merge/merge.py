@@ -50,7 +50,8 @@ def resolve_output(recipe: Recipe, out: str | Path | None) -> Path:
     raise GiftMergeError("no output folder: give OUT on the command line or 'output:' in the recipe")
 
 
-def _stage_folders(recipe: Recipe, out: Path, intermediate: Path | None) -> dict[str, Path]:
+def stage_folders(recipe: Recipe, out: Path, intermediate: Path | None) -> dict[str, Path]:
+    """Where each named stage but the last is built: ``intermediate``, or ``OUT-stages`` beside OUT."""
     root = intermediate or out.parent / f"{out.name}-stages"
     return {s.name: root / s.name for s in recipe.stages[:-1] if s.name}
 
@@ -72,7 +73,7 @@ def _resolver(recipe: Recipe, folders: dict[str, Path]) -> ModelResolver:
 def plan_recipe(recipe: Recipe, out: Path | None = None, intermediate: Path | None = None) -> list[StagePlan]:
     """Plan every stage without reading a tensor; later stages see earlier ones' planned outputs."""
     out = out or Path.cwd() / "merged"
-    resolver = _resolver(recipe, _stage_folders(recipe, out, intermediate))
+    resolver = _resolver(recipe, stage_folders(recipe, out, intermediate))
     plans: list[StagePlan] = []
     for stage in recipe.stages:
         if isinstance(stage, TrainStage):
@@ -95,7 +96,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOpti
     check_output_free(destination, overwrite=options.overwrite)
     plans = plan_recipe(recipe, destination, options.intermediate_dir)
     _refuse_inputs_as_output(plans, destination)
-    folders = _stage_folders(recipe, destination, options.intermediate_dir)
+    folders = stage_folders(recipe, destination, options.intermediate_dir)
     resolver = _resolver(recipe, folders)
     rebuilt: set[str] = set()
     for stage in recipe.stages:
@@ -129,8 +130,7 @@ def _refuse_inputs_as_output(plans: list[StagePlan], destination: Path) -> None:
 def _stage_is_current(folder: Path, stage: Stage) -> bool:
     if isinstance(stage, TrainStage):
         return training_is_current(folder, stage)
-    recipe_file = folder / artifacts.RECIPE_NAME
-    return (folder / "config.json").is_file() and recipe_file.is_file() and recipe_file.read_text() == stage.text
+    return artifacts.made_by_stage_text(folder, stage.text, "config.json")
 
 
 def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, overwrite: bool, label: str) -> None:

@@ -43,22 +43,32 @@ class ModelInfo:
         return self.adapter is not None or self.planned_adapter
 
 
-def read_config(folder: Path, label: str) -> dict[str, Any]:
+def read_config(folder: Path, *, strict: bool = True) -> dict[str, Any]:
+    """The folder's ``config.json`` as a dict; ``{}`` when there is none.
+
+    Planning a merge fails on a broken file (``strict``), since the config decides the layer layout and
+    the merged model's own config. LoRA extraction passes ``strict=False`` and reads a broken file as
+    ``{}``: it can fall back to guessing the layout from tensor names, as it does for unknown models.
+    """
     path = folder / "config.json"
     if not path.is_file():
         return {}
     try:
         config = json.loads(path.read_text())
     except ValueError as exc:
+        if not strict:
+            return {}
         raise GiftMergeError(f"{path}: invalid JSON ({exc})") from exc
     if not isinstance(config, dict):
+        if not strict:
+            return {}
         raise GiftMergeError(f"{path}: expected a JSON object")
     return config
 
 
 def model_info_from_folder(folder: Path, label: str) -> ModelInfo:
     reader = CheckpointReader(folder)
-    config = read_config(folder, label)
+    config = read_config(folder)
     tensors = {name: (reader.info(name).shape, reader.info(name).dtype) for name in reader.names}
     return ModelInfo(label, folder, tensors, config, detect_layout(tensors, config, label))
 

@@ -14,9 +14,7 @@ twice gives the same bytes, which lets tests compare merge outputs byte for byte
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +29,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformers.utils import logging as hf_logging
 
 from gift_merge.errors import GiftMergeError
+from gift_merge.hf_quiet import quiet_transformers
 
 ARCHS: tuple[str, ...] = ("llama", "qwen2", "gpt2")
 """Architectures :func:`build_model` knows; they cover untied, tied+biased and Conv1D checkpoints."""
@@ -181,18 +179,6 @@ def _make_config(arch: str, vocab_size: int, num_layers: int, hidden: int) -> Pr
     raise GiftMergeError(f"arch={arch!r}: unknown, expected one of {', '.join(ARCHS)}")
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Hide transformers' shard progress bars while building, restoring the caller's setting after."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 @torch.no_grad()
 def _add_noise(model: PreTrainedModel, seed: int, scale: float, *, only_vectors: bool = False) -> None:
     """Add ``scale·randn`` (from a private generator seeded with ``seed``) to parameters, in place.
@@ -246,7 +232,7 @@ def build_model(
         _copy_tokenizer(src_tok, out)
         vocab_size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
-    with _quiet():
+    with quiet_transformers():
         if perturb_from is None:
             config = _make_config(arch, vocab_size, num_layers, hidden)
             # fork_rng keeps the caller's global RNG untouched; the init itself draws from it.
@@ -329,7 +315,7 @@ def build_adapter(
     """
     from peft import LoraConfig, get_peft_model
 
-    with _quiet():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(base_dir)
         config = LoraConfig(
             r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="CAUSAL_LM"

@@ -14,13 +14,11 @@ For an architecture transformers cannot build, the kinds are guessed from tensor
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -52,17 +50,6 @@ class ModelModules:
         return module, param
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def describe_modules(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> ModelModules:
     """Module kinds for the checkpoint in ``folder`` whose tensors have ``shapes`` (name → shape)."""
     names = list(shapes)
@@ -76,22 +63,13 @@ def describe_modules(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> Mod
     return _from_model(model, names)
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def _meta_model(folder: Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with _quiet_transformers():
+    from gift_merge.hf_quiet import quiet_transformers  # imports transformers: only when a model is built
+
+    # Only the shapes matter here; transformers' messages about building the model would be noise.
+    with quiet_transformers(logs=True):
         config = AutoConfig.from_pretrained(folder)
         with torch.device("meta"):  # shapes only: a 70B model costs nothing here
             return AutoModelForCausalLM.from_config(config)

@@ -16,10 +16,11 @@ from typing import Literal
 
 from gift_merge.architecture import detect_layout, is_pre_weight
 from gift_merge.errors import GiftMergeError
-from gift_merge.extract.modules import ModelModules, describe_modules, read_config
+from gift_merge.extract.modules import ModelModules, describe_modules
 from gift_merge.extract.options import ExtractOptions
 from gift_merge.io.adapter import PREFIX
 from gift_merge.io.reader import CheckpointReader
+from gift_merge.models import read_config
 
 Layout = Literal["linear", "conv1d", "embedding"]
 
@@ -75,11 +76,14 @@ class ExtractPlan:
 
 
 def plan_extraction(base: CheckpointReader, tuned: CheckpointReader, options: ExtractOptions) -> ExtractPlan:
-    """The full plan, or a one-line error naming the tensor, module or option at fault."""
-    options.check()
+    """The full plan, or a one-line error naming the tensor, module or option at fault.
+
+    ``options`` must already be checked (:meth:`ExtractOptions.check`): :func:`extract_lora` does that
+    first, so a bad option fails before any model is located or downloaded.
+    """
     _check_same_tensors(base, tuned)
     shapes = {name: tuned.info(name).shape for name in tuned.names}
-    layout = detect_layout(shapes, read_config(tuned.folder), str(tuned.folder))
+    layout = detect_layout(shapes, read_config(tuned.folder, strict=False), str(tuned.folder))
     modules = describe_modules(tuned.folder, shapes)
 
     groups: dict[str, dict[str, str]] = {}  # module → param → checkpoint tensor

@@ -125,3 +125,13 @@ def _training_lines(record: Mapping[str, Any]) -> list[str]:
     if lora:
         lines.append(f"- LoRA: r {lora.get('r')}, alpha {lora.get('alpha')}, on {', '.join(lora.get('targets', []))}")
     return lines
+
+
+def made_by_stage_text(folder: Path, text: str, marker: str) -> bool:
+    """Whether ``folder`` holds a finished output (``marker`` is there) saved with recipe text ``text``.
+
+    Every stage writes its own YAML text beside its output; the same text means the same inputs and
+    options, so a merge or train stage can reuse the folder instead of redoing the work.
+    """
+    recipe_file = folder / RECIPE_NAME
+    return (folder / marker).is_file() and recipe_file.is_file() and recipe_file.read_text() == text

@@ -9,6 +9,7 @@ Cohere's logit scale) fail the check and use the full forward pass instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging as hf_logging
 
 from gift_merge.dtypes import parse_dtype
 from gift_merge.errors import GiftMergeError
+from gift_merge.hf_quiet import quiet_transformers
 from gift_merge.io.locate import locate
 from gift_merge.train.targets import OUTPUT_HEAD, choose_targets
 
@@ -61,16 +62,11 @@ def load_tokenizer(reference: str) -> tuple[PreTrainedTokenizerBase, Path]:
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, *, quiet: bool = False) -> PreTrainedModel:
-    bars = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise GiftMergeError(f"{folder}: cannot load as a causal LM ({str(exc).splitlines()[0]})") from exc
-    finally:
-        if quiet and bars:
-            hf_logging.enable_progress_bar()
+    with quiet_transformers() if quiet else contextlib.nullcontext():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise GiftMergeError(f"{folder}: cannot load as a causal LM ({str(exc).splitlines()[0]})") from exc
     model.to(device)  # type: ignore[arg-type]  # transformers types .to() too narrowly
     return model
 

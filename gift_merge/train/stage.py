@@ -94,10 +94,8 @@ def run_training(stage: TrainStage, target: Path, folders: dict[str, Path], *, o
 
 def training_is_current(folder: Path, stage: TrainStage) -> bool:
     """An adapter made by this very stage text from the data file as it is now."""
-    recipe_file, provenance = folder / artifacts.RECIPE_NAME, folder / PROVENANCE_NAME
-    if not ((folder / CONFIG_NAME).is_file() and recipe_file.is_file() and provenance.is_file()):
-        return False
-    if recipe_file.read_text() != stage.text:
+    provenance = folder / PROVENANCE_NAME
+    if not (provenance.is_file() and artifacts.made_by_stage_text(folder, stage.text, CONFIG_NAME)):
         return False
     try:
         recorded = json.loads(provenance.read_text()).get("data_sha256")
