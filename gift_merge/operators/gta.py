@@ -131,7 +131,7 @@ class KeepMask:
     factor: float | None
 
     def apply(self, delta: torch.Tensor, part: slice) -> torch.Tensor:
-        delta.mul_(self.keep[part].to(delta.dtype))
+        delta.mul_(kernels.as_factor(self.keep[part]))
         return delta.mul_(self.factor) if self.factor is not None else delta
 
 
@@ -162,7 +162,7 @@ def l1_factor(magnitude: torch.Tensor, keep: torch.Tensor) -> float | None:
     before = blocked_sum(magnitude)
     for start in range(0, magnitude.numel(), CHUNK):
         part = slice(start, start + CHUNK)
-        magnitude[part].mul_(keep[part].to(magnitude.dtype))
+        magnitude[part].mul_(kernels.as_factor(keep[part]))
     return rescale_factor(before, blocked_sum(magnitude))
 
 
@@ -215,7 +215,7 @@ def _kept_l1_factor(stream: StreamInputs, tensor: torch.Tensor, keep: torch.Tens
         part = slice(start, start + kernels.REDUCE_BLOCK)
         magnitude = (stream.widen(tensor[part]) - stream.widen(stream.base[part])).abs_()
         before += kernels.block_total(magnitude)
-        after += kernels.block_total(magnitude.mul_(keep[part].to(device=magnitude.device, dtype=magnitude.dtype)))
+        after += kernels.block_total(magnitude.mul_(kernels.as_factor(keep[part].to(magnitude.device))))
     return rescale_factor(before, after)
 
 
