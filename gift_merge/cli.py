@@ -58,7 +58,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
               help="numpy: the CPU path without torch (same bytes), all methods but della, nuslerp, multislerp, "
                    "karcher and sce; torch: everything; auto: numpy where the whole merge allows it.")  # fmt: skip
-@click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar or info messages (warnings stay).")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_shard_size: str, overwrite: bool,
@@ -73,6 +73,8 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
 
     reuse_large_buffers()
     quiet = quiet_here or ctx.obj["quiet"]
+    if quiet_here:
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     options = MergeOptions(
         device=check_device(device),
         seed=seed,

@@ -250,3 +250,13 @@ def test_plan_says_which_engine_runs(tmp_path: Path, llama: dict[str, Path]) -> 
     planned = CliRunner().invoke(main, ["plan", str(della)])
     assert planned.exit_code == 0, planned.output
     assert "# engine on the CPU: torch (della has no numpy kernel)" in planned.output
+
+
+def test_run_says_why_it_falls_back_to_torch_unless_quiet(tmp_path: Path, llama: dict[str, Path]) -> None:
+    recipe = tmp_path / "della.yaml"
+    recipe.write_text(RECIPES["ties"].format(**llama).replace("ties", "della").replace("0.9", "0.8"))
+    command = [sys.executable, "-m", "gift_merge.cli", "run", str(recipe), str(tmp_path / "out"), "--overwrite"]
+    loud = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "merging with torch: della has no numpy kernel" in loud.stderr
+    quiet = subprocess.run([*command, "-q"], capture_output=True, text=True, check=True)
+    assert quiet.stderr == "" and quiet.stdout == ""
