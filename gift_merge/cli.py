@@ -142,7 +142,8 @@ def methods() -> None:
 
     for op in OPERATORS.values():
         base = {"required": "needs base_model", "optional": "base_model optional", "ignored": "no base"}[op.base]
-        click.echo(f"{op.name}: {op.summary} [{base}]")
+        engine = "numpy or torch" if op.numpy or op.numpy_stream else "torch"
+        click.echo(f"{op.name}: {op.summary} [{base}; {engine}]")
         if op.paper:
             click.echo(f"    paper: {op.paper}")
         for p in op.params:

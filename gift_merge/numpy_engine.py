@@ -1,11 +1,11 @@
-"""The torch-free merge path: elementwise methods in numpy, straight from the memory-mapped files.
+"""The torch-free merge path: numpy kernels fed straight from the memory-mapped files.
 
 ``import torch`` takes longer than a whole linear merge of a 0.5B model on a small CPU machine, and
 torch's per-op overhead on cache-sized blocks is more than numpy's. A plan whose every job is a copy
-or an operator with a numpy kernel (:attr:`Operator.numpy`: linear, task arithmetic, passthrough, gift;
-:attr:`Operator.numpy_stream`: slerp, model_stock, TIES, DARE, breadcrumbs),
-on the CPU, with float16/bfloat16/float32 tensors and only additive adapter patches (LoRA, embedding
-LoRA, LoRA bias), therefore runs here. It computes what the torch path computes, rounding for rounding,
+or an operator with a numpy kernel (:attr:`Operator.numpy`: linear, task arithmetic, passthrough,
+nearswap, gift; :attr:`Operator.numpy_stream`: slerp, model_stock, TIES, DARE, breadcrumbs), on the CPU,
+with float16/bfloat16/float32 tensors and only additive adapter patches (LoRA, embedding LoRA, LoRA
+bias), therefore runs here. It computes what the torch path computes, rounding for rounding,
 on the same blocks of rows (:mod:`gift_merge.blocks`), and forms ΔW with the product the torch path uses
 on the CPU too, so it writes the same bytes (tests/test_numpy_path.py compares them).
 """

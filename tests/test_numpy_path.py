@@ -260,3 +260,10 @@ def test_run_says_why_it_falls_back_to_torch_unless_quiet(tmp_path: Path, llama:
     assert "merging with torch: della has no numpy kernel" in loud.stderr
     quiet = subprocess.run([*command, "-q"], capture_output=True, text=True, check=True)
     assert quiet.stderr == "" and quiet.stdout == ""
+
+
+def test_methods_say_which_engines_run_them() -> None:
+    listing = CliRunner().invoke(main, ["methods"]).output.splitlines()
+    engines = {line.split(":")[0]: line.rsplit("; ", 1)[-1] for line in listing if not line.startswith(" ")}
+    assert engines["ties"] == engines["gift"] == engines["slerp"] == "numpy or torch]"
+    assert engines["della"] == engines["karcher"] == "torch]"

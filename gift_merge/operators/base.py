@@ -110,10 +110,12 @@ class Operator:
     the whole tensor, so the executor may hand them matching slices of a large tensor one at a time.
     ``stream``, where given, computes the same result as ``apply`` from :class:`StreamInputs` for large
     tensors, holding whole-tensor statistics but only slices of the inputs in the compute dtype.
-    ``numpy``, where given (elementwise operators only), is ``apply`` on float32 numpy arrays with the
-    same roundings in the same order, so a merge of such operators can run without importing torch
-    (``gift_merge.numpy_engine``); ``numpy_stream`` is ``stream`` in numpy, returning the output's bits.
-    tests/test_numpy_path.py holds every one to the torch path's bytes.
+    ``numpy``, where given (elementwise operators only), is ``apply`` on numpy arrays (float32, or float64
+    where an input carries an adapter) with the same roundings in the same order, so a merge of such
+    operators can run without importing torch (``gift_merge.numpy_engine``); ``numpy_stream`` is
+    ``stream`` in numpy, returning the output's bits, and serves tensors of every size. The numpy engine
+    uses them wherever a whole merge allows; tests/test_numpy_path.py holds every one to the torch path's
+    bytes.
     """
 
     name: str
