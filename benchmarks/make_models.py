@@ -64,6 +64,9 @@ SIZES: dict[str, Shape] = {
     "medium": Shape(hidden=2048, layers=24, intermediate=6656, heads=32, kv_heads=32),
     # Llama-2-7B shape (6.7B); for a machine with a GPU and the disk/RAM for it, not a 2-core box.
     "7b": Shape(hidden=4096, layers=32, intermediate=11008, heads=32, kv_heads=32),
+    # The 7B shape cut to 8 layers (1.9B, 3.8 GB per model): every tensor a 7B merge meets, at a quarter of
+    # the build time and disk, for a GPU check that must fit a short lease (benchmarks/gpu_check.sh).
+    "7b-8l": Shape(hidden=4096, layers=8, intermediate=11008, heads=32, kv_heads=32),
 }
 
 
