@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
+from gift_merge.devices import torch_device
 from gift_merge.errors import GiftMergeError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,14 +41,6 @@ def handle_errors(func: F) -> F:
 
 def check_device(device: str) -> str:
     """The device, checked; plain ``cpu`` is accepted without importing torch (the numpy path needs none)."""
-    if device == "cpu":
-        return device
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise GiftMergeError(f"--device {device}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GiftMergeError(f"--device {device}: CUDA is not available on this machine")
+    if device != "cpu":
+        torch_device(device)
     return device

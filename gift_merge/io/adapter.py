@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -182,37 +182,19 @@ class AdapterReader:
         """
         if like.device.type == "cpu":
             return torch.from_numpy(self.delta_rows_array(patch, rows, like.numpy().dtype))
-        if not patch.additive:
-            raise ValueError(f"module {patch.module}: only additive patches can be computed by rows")
         device, dtype = like.device, like.dtype
-
-        def widened(name: str | None, part: tuple[slice, ...]) -> torch.Tensor:
-            return self.read(name or "")[part].to(device=device, dtype=dtype)  # only the part is converted
-
-        if patch.kind == "bias":
-            return widened(patch.extra, (rows,)) * patch.scale
-        if patch.kind == "embedding" or patch.fan_in_fan_out:
-            # stored (in, out) (embeddings, GPT-2 Conv1D): its rows are columns of B·A
-            return (widened(patch.b, (slice(None),)) @ widened(patch.a, (slice(None), rows))).T * patch.scale
-        return (widened(patch.b, (rows,)) @ widened(patch.a, (slice(None),))) * patch.scale  # (out, r) @ (r, in)
+        return _rows_of_product(
+            patch, rows, lambda name, part: self.read(name or "")[part].to(device=device, dtype=dtype)
+        )
 
     def delta_rows_array(self, patch: Patch, rows: slice, dtype: np.dtype) -> np.ndarray:
         """:meth:`delta_rows` in numpy, in ``dtype`` (float32 or float64): the CPU's one implementation."""
-        if not patch.additive:
-            raise ValueError(f"module {patch.module}: only additive patches can be computed by rows")
 
         def widened(name: str | None, part: tuple[slice, ...]) -> np.ndarray:
             info = self._tensors.info(name or "")
             return to_math(self._tensors.read_array(info.name)[part], info.dtype, dtype)
 
-        if patch.kind == "bias":
-            return widened(patch.extra, (rows,)) * patch.scale
-        if patch.kind == "embedding" or patch.fan_in_fan_out:
-            product = np.matmul(widened(patch.b, (slice(None),)), widened(patch.a, (slice(None), rows))).T
-        else:
-            product = np.matmul(widened(patch.b, (rows,)), widened(patch.a, (slice(None),)))
-        product *= patch.scale
-        return product
+        return _rows_of_product(patch, rows, widened)
 
     def patched(self, patch: Patch, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` after peft's ``merge_and_unload`` of this patch."""
@@ -271,6 +253,19 @@ class AdapterReader:
             out = (b[0], a[1])
             return (out[1], out[0]) if patch.kind == "embedding" or patch.fan_in_fan_out else out
         return info(patch.extra or "").shape
+
+
+def _rows_of_product(patch: Patch, rows: slice, widened: Callable[[str | None, tuple[slice, ...]], Any]) -> Any:
+    """Rows ``rows`` of an additive patch's ΔW, from its factors as ``widened`` (name, slices) returns them:
+    torch tensors or numpy arrays alike, since only the part of a factor the rows need is converted."""
+    if not patch.additive:
+        raise ValueError(f"module {patch.module}: only additive patches can be computed by rows")
+    if patch.kind == "bias":
+        return widened(patch.extra, (rows,)) * patch.scale
+    if patch.kind == "embedding" or patch.fan_in_fan_out:
+        # stored (in, out) (embeddings, GPT-2 Conv1D): its rows are columns of B·A
+        return (widened(patch.b, (slice(None),)) @ widened(patch.a, (slice(None), rows))).T * patch.scale
+    return (widened(patch.b, (rows,)) @ widened(patch.a, (slice(None),))) * patch.scale  # (out, r) @ (r, in)
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:

@@ -14,16 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import kernels
-from .kernels import array_total, kth_largest_and_count, l1_factor
-
-
-def blocked_total(x: np.ndarray) -> float:
-    """:func:`kernels.blocked_sum`: block sums of ``REDUCE_BLOCK`` entries, added in float64."""
-    flat = x.reshape(-1)
-    total = 0.0
-    for start in range(0, flat.size, kernels.REDUCE_BLOCK):
-        total += array_total(flat[start : start + kernels.REDUCE_BLOCK])
-    return total
+from .kernels import kth_largest_and_count, l1_factor
 
 
 def cut_mask(flat: np.ndarray, threshold: np.floating, above: int, k: int) -> np.ndarray:
@@ -56,9 +47,9 @@ def breadcrumbs_mask(magnitude: np.ndarray, density: float, gamma: float) -> np.
 
 def kept_l1_factor(magnitude: np.ndarray, keep: np.ndarray) -> float | None:
     """:func:`gta.l1_factor`: ‖|δ|‖₁ / ‖keep·|δ|‖₁ by blocked sums; masks ``magnitude`` in place."""
-    before = blocked_total(magnitude)
+    before = kernels.blocked_sum(magnitude)
     magnitude *= keep
-    return l1_factor(before, blocked_total(magnitude))
+    return l1_factor(before, kernels.blocked_sum(magnitude))
 
 
 def consensus_sum(weighted: Sequence[np.ndarray], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -75,15 +75,15 @@ def flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return total
 
 
-def blocked_sum(x: torch.Tensor) -> float:
-    """Σ x over all entries, summed as :func:`flat_dot` sums: blocks, added in float64.
+def blocked_sum(x: Any) -> float:
+    """Σ x over all entries of a tensor or array, summed as :func:`flat_dot` sums: blocks, added in float64.
 
     The L1 norms of the rescale go through here, so a streamed pass that meets the blocks one slice at
-    a time (and never holds |δ| whole) gets the same factor as the whole-tensor path.
+    a time (and never holds |δ| whole) gets the same factor as the whole-tensor path, in either engine.
     """
     flat = x.reshape(-1)
     total = 0.0
-    for start in range(0, flat.numel(), REDUCE_BLOCK):
+    for start in range(0, len(flat), REDUCE_BLOCK):
         total += block_total(flat[start : start + REDUCE_BLOCK])
     return total
 
@@ -281,19 +281,21 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
 # --------------------------------------------------------------------------------------------- randomness
 
 
-def _raw_draws(generator: np.random.Generator | None, count: int) -> np.ndarray:
-    """``count`` uint32 draws: the 32-bit halves (low first) of the generator's raw 64-bit outputs."""
+def _bits_of(generator: np.random.Generator | None) -> Any:
     if generator is None:
         raise ValueError("a random merge operator needs MergeInputs.generator (see generator_for)")
-    return generator.bit_generator.random_raw((count + 1) // 2).view(np.uint32)[:count]
+    return generator.bit_generator
+
+
+def _raw_draws(generator: np.random.Generator | None, count: int) -> np.ndarray:
+    """``count`` uint32 draws: the 32-bit halves (low first) of the generator's raw 64-bit outputs."""
+    return _bits_of(generator).random_raw((count + 1) // 2).view(np.uint32)[:count]
 
 
 def skip_draws(generator: np.random.Generator | None, count: int) -> None:
     """Advance ``generator`` exactly as ``count`` draws would (a model that keeps everything still uses up
     its draw, so later models' masks do not move), without making them."""
-    if generator is None:
-        raise ValueError("a random merge operator needs MergeInputs.generator (see generator_for)")
-    generator.bit_generator.advance((count + 1) // 2)  # type: ignore[attr-defined]  # generator_for: PCG64DXSM
+    _bits_of(generator).advance((count + 1) // 2)  # generator_for's PCG64DXSM can jump ahead
 
 
 def uniform_floats(generator: np.random.Generator | None, count: int) -> torch.Tensor:

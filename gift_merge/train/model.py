@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from gift_merge.devices import torch_device
 from gift_merge.dtypes import parse_dtype
 from gift_merge.errors import GiftMergeError
 from gift_merge.hf_quiet import quiet_transformers
@@ -34,12 +35,7 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank or 0)
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise GiftMergeError(f"--device {name}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GiftMergeError(f"--device {name}: CUDA is not available on this machine")
+    device = torch_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank or 0)
     return device
