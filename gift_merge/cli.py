@@ -14,6 +14,8 @@ import click
 
 from gift_merge.allocator import enable_huge_pages, one_blas_thread
 from gift_merge.cli_support import check_device, handle_errors
+from gift_merge.errors import GiftMergeError
+from gift_merge.evaluate.cli import eval_command
 from gift_merge.extract.cli import extract_lora_command
 from gift_merge.train.commands import annotate as annotate_command
 from gift_merge.train.commands import train as train_command
@@ -87,9 +89,42 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
     )
     loaded = load_recipe(recipe)
     destination = run_recipe(loaded, out, options)
-    if not quiet:
+    if not quiet and loaded.compare is None:
         what = "adapter" if isinstance(loaded.final, TrainStage) else "merged model"
         click.echo(f"{what} written to {destination}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--device", default="cpu", show_default=True, help="Where merges and training run (evaluation: eval.device)."
+)
+@click.option("--workers", type=int, default=None, help="Tensors merged concurrently [default: cores, 2..8].")
+@click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True)
+@click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the arms' stages are built [default: OUT/stages].")  # fmt: skip
+@click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress or info messages (the table stays).")
+@click.pass_context
+@handle_errors
+def compare(ctx: click.Context, recipe: Path, out: Path | None, device: str, workers: int | None, engine: str,
+            intermediate_dir: Path | None, quiet_here: bool) -> None:  # fmt: skip
+    """Build, evaluate and rank the arms of RECIPE's `compare:` document into OUT (or its `output:`).
+
+    Writes results.md (the table, also printed), results.csv, results.json and PNG plots; arms' models go
+    to OUT/stages, evaluations (with lm-eval's output) to OUT/evals. A rerun reuses what is unchanged.
+    """
+    from gift_merge.merge import MergeOptions, run_recipe
+    from gift_merge.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    if loaded.compare is None:
+        raise GiftMergeError(f"{recipe}: no 'compare:' document (gift-merge run merges it)")
+    if quiet_here:
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+    options = MergeOptions(device=check_device(device), workers=workers, intermediate_dir=intermediate_dir,
+                           engine=engine, quiet=quiet_here or ctx.obj["quiet"])  # fmt: skip
+    run_recipe(loaded, out, options)
 
 
 @main.command()
@@ -174,6 +209,7 @@ def inspect(model: str, revision: str | None) -> None:
 main.add_command(annotate_command)
 main.add_command(train_command)
 main.add_command(extract_lora_command)
+main.add_command(eval_command)
 
 if __name__ == "__main__":
     main()

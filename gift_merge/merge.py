@@ -45,13 +45,20 @@ def resolve_output(recipe: Recipe, out: str | Path | None) -> Path:
     """The output folder: the command line's, else the recipe's ``output:`` (relative to the recipe)."""
     if out is not None:
         return Path(out).resolve()
-    if recipe.final.output:
-        return (recipe.folder / recipe.final.output).resolve()
+    declared = recipe.compare.output if recipe.compare is not None else recipe.final.output
+    if declared:
+        return (recipe.folder / declared).resolve()
     raise GiftMergeError("no output folder: give OUT on the command line or 'output:' in the recipe")
 
 
 def stage_folders(recipe: Recipe, out: Path, intermediate: Path | None) -> dict[str, Path]:
-    """Where each named stage but the last is built: ``intermediate``, or ``OUT-stages`` beside OUT."""
+    """Where each named stage but the last is built: ``intermediate``, or ``OUT-stages`` beside OUT.
+
+    A comparison has no final stage: every stage is built, into ``OUT/stages`` by default.
+    """
+    if recipe.compare is not None:
+        root = intermediate or out / "stages"
+        return {s.name: root / s.name for s in recipe.stages if s.name}
     root = intermediate or out.parent / f"{out.name}-stages"
     return {s.name: root / s.name for s in recipe.stages[:-1] if s.name}
 
@@ -65,7 +72,7 @@ def _virtual_output(plan: MergePlan, folder: Path, name: str) -> ModelInfo:
 StagePlan = MergePlan | TrainPlan
 
 
-def _resolver(recipe: Recipe, folders: dict[str, Path]) -> ModelResolver:
+def stage_resolver(recipe: Recipe, folders: dict[str, Path]) -> ModelResolver:
     trains = {s.name for s in recipe.stages if isinstance(s, TrainStage) and s.name}
     return ModelResolver(recipe.folder, folders, adapter_stages=trains)
 
@@ -73,7 +80,7 @@ def _resolver(recipe: Recipe, folders: dict[str, Path]) -> ModelResolver:
 def plan_recipe(recipe: Recipe, out: Path | None = None, intermediate: Path | None = None) -> list[StagePlan]:
     """Plan every stage without reading a tensor; later stages see earlier ones' planned outputs."""
     out = out or Path.cwd() / "merged"
-    resolver = _resolver(recipe, stage_folders(recipe, out, intermediate))
+    resolver = stage_resolver(recipe, stage_folders(recipe, out, intermediate))
     plans: list[StagePlan] = []
     for stage in recipe.stages:
         if isinstance(stage, TrainStage):
@@ -93,30 +100,47 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOpti
     """Merge every stage of ``recipe``; return the final output folder."""
     options = options or MergeOptions()
     destination = resolve_output(recipe, out)
+    if recipe.compare is not None:  # builds, evaluates and ranks arms; reruns reuse what is unchanged
+        from gift_merge.compare.run import run_compare
+
+        plan_recipe(recipe, destination, options.intermediate_dir)  # every stage checked before any is built
+        return run_compare(recipe, destination, options)
     check_output_free(destination, overwrite=options.overwrite)
     plans = plan_recipe(recipe, destination, options.intermediate_dir)
     _refuse_inputs_as_output(plans, destination)
     folders = stage_folders(recipe, destination, options.intermediate_dir)
-    resolver = _resolver(recipe, folders)
+    resolver = stage_resolver(recipe, folders)
     rebuilt: set[str] = set()
     for stage in recipe.stages:
         final = stage is recipe.final
         target = destination if final else folders[stage.name or ""]
         fresh_inputs = not (stage_dependencies(stage) & rebuilt)
-        if not final and fresh_inputs and _stage_is_current(target, stage):
+        if not final and fresh_inputs and stage_is_current(target, stage):
             log.info("stage %s: up to date in %s", stage.name, target)
             continue
         rebuilt.add(stage.name or "")
-        if isinstance(stage, TrainStage):
-            log.info("stage %s: training an adapter into %s", stage.name or "final", target)
-            overwrite = options.overwrite or not final
-            run_training(stage, target, folders, overwrite=overwrite, quiet=options.quiet)
-            continue
-        plan = plan_stage(stage, resolver)  # re-planned against the real outputs of earlier stages
-        for warning in plan.warnings:
-            log.warning(warning)
-        _write_merge(plan, target, options, overwrite=options.overwrite or not final, label=stage.name or "merge")
+        build_stage(stage, target, folders, resolver, options, overwrite=options.overwrite or not final)
     return destination
+
+
+def build_stage(
+    stage: Stage,
+    target: Path,
+    folders: dict[str, Path],
+    resolver: ModelResolver,
+    options: MergeOptions,
+    *,
+    overwrite: bool,
+) -> None:
+    """Train or merge one stage into ``target``; the stages it reads are built already."""
+    if isinstance(stage, TrainStage):
+        log.info("stage %s: training an adapter into %s", stage.name or "final", target)
+        run_training(stage, target, folders, overwrite=overwrite, quiet=options.quiet)
+        return
+    plan = plan_stage(stage, resolver)  # re-planned against the real outputs of earlier stages
+    for warning in plan.warnings:
+        log.warning(warning)
+    _write_merge(plan, target, options, overwrite=overwrite, label=stage.name or "merge")
 
 
 def _refuse_inputs_as_output(plans: list[StagePlan], destination: Path) -> None:
@@ -127,7 +151,7 @@ def _refuse_inputs_as_output(plans: list[StagePlan], destination: Path) -> None:
                 raise GiftMergeError(f"{destination}: the output folder is also input {model.label}")
 
 
-def _stage_is_current(folder: Path, stage: Stage) -> bool:
+def stage_is_current(folder: Path, stage: Stage) -> bool:
     if isinstance(stage, TrainStage):
         return training_is_current(folder, stage)
     return artifacts.made_by_stage_text(folder, stage.text, "config.json")

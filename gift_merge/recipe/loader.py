@@ -57,14 +57,36 @@ def parse_recipe(text: str, *, folder: Path | None = None, source: Path | None =
         raise GiftMergeError(f"{label}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
     if not documents:
         raise GiftMergeError(f"{label}: empty recipe")
+    from gift_merge.compare.spec import is_compare_document
+
     multi = len(documents) > 1
     folder = folder or Path.cwd()
+    where = [f"{label}" + (f"[document {i + 1}]" if multi else "") for i in range(len(documents))]
+    compares = [i for i, (doc, _) in enumerate(documents) if is_compare_document(doc)]
     stages = [
-        _parse_document(doc, f"{label}" + (f"[document {i + 1}]" if multi else ""), raw, folder)
-        for i, (doc, raw) in enumerate(documents)
+        _parse_document(doc, where[i], raw, folder) for i, (doc, raw) in enumerate(documents) if i not in compares
     ]
-    ordered = _order_stages(stages, label) if multi else stages
-    return Recipe(tuple(ordered), folder, source, text)
+    if not compares:
+        ordered = _order_stages(stages, label) if multi else stages
+        return Recipe(tuple(ordered), folder, source, text)
+    return _compare_recipe(stages, [(documents[i][0], where[i]) for i in compares], label, folder, source, text)
+
+
+def _compare_recipe(
+    stages: list[Stage], compares: list[tuple[Any, str]], label: str, folder: Path, source: Path | None, text: str
+) -> Recipe:
+    """A recipe with a ``compare:`` document: its arms' inline documents join the stages, all named."""
+    from gift_merge.compare.spec import parse_compare
+
+    if len(compares) > 1:
+        raise GiftMergeError(f"{compares[1][1]}: a recipe holds at most one 'compare:' document")
+    unnamed = next((s for s in stages if not s.name), None)
+    if unnamed is not None:
+        raise GiftMergeError(f"{label}: in a recipe with 'compare:', every other document needs a 'name'")
+    spec, extra = parse_compare(compares[0][0], compares[0][1], {s.name for s in stages if s.name})
+    stages += [_parse_document(d.doc, d.where, d.text, folder) for d in extra]
+    ordered = _order_stages(stages, label) if stages else []
+    return Recipe(tuple(ordered), folder, source, text, compare=spec)
 
 
 def _parse_document(doc: Any, where: str, text: str, folder: Path) -> Stage:

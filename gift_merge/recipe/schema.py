@@ -11,6 +11,7 @@ from gift_merge.errors import GiftMergeError
 from gift_merge.recipe.settings import Setting
 
 if TYPE_CHECKING:
+    from gift_merge.compare.spec import CompareSpec
     from gift_merge.train.config import TrainConfig
 
 
@@ -143,7 +144,10 @@ class Recipe:
     folder: Path
     path: Path | None = None
     text: str = ""
+    compare: CompareSpec | None = None  # a recipe with a ``compare:`` document builds and ranks arms
 
     @property
     def final(self) -> Stage:
+        if not self.stages:
+            raise GiftMergeError("the recipe has no merge or train document")
         return self.stages[-1]

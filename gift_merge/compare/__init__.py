@@ -1,0 +1,1 @@
+"""Compare merge baselines: build arms, evaluate them, rank and plot."""

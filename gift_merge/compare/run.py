@@ -1,0 +1,368 @@
+"""``gift-merge compare``: build every arm, evaluate it on every task and seed, then tabulate and plot.
+
+Seeds vary what is random: a ``train:`` stage trains with the seed, DARE/DELLA merges draw with it, and
+every stage that reads such a stage is built once per seed (``stages/seed-S/NAME``); deterministic
+stages are built once (``stages/NAME``) and shared. Greedy evaluation of an arm that no seed changes
+gives the same numbers every time, so such an arm is evaluated once. Stages are reused while their text
+and inputs are unchanged, as in ``gift-merge run``; evaluations are reused while the evaluated folders
+and the evaluation settings are unchanged (``evals/ARM/seed-S.json``, lm-eval's output kept there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gift_merge.compare.measure import measured
+from gift_merge.compare.results import ArmRecord, Comparison, Score
+from gift_merge.compare.spec import ArmSpec, CompareSpec
+from gift_merge.errors import GiftMergeError
+from gift_merge.evaluate.harness import EvalOptions
+from gift_merge.evaluate.loading import EvalTarget, model_target
+from gift_merge.merge import MergeOptions, build_stage, stage_folders, stage_is_current, stage_resolver
+from gift_merge.operators import get_operator
+from gift_merge.recipe.loader import stage_dependencies
+from gift_merge.recipe.schema import MergeStage, Recipe, Stage, TrainStage
+
+log = logging.getLogger("gift_merge")
+
+BUILD_RECORD = "gift-merge-build.json"
+HEADLINE_PREFERENCE = ("acc", "rougeL", "exact_match", "acc_norm")
+LOCK_NAME = ".gift-merge-compare.lock"
+
+
+def run_compare(recipe: Recipe, out: Path, options: MergeOptions) -> Path:
+    """Build, evaluate and rank the arms of ``recipe.compare``; return the results folder."""
+    spec = recipe.compare
+    assert spec is not None
+    from gift_merge.evaluate.harness import task_manager
+
+    task_manager(spec.tasks)  # unknown task names fail before anything is built
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        seeded = seeded_stages(recipe)
+        builds = _build_all(recipe, spec, out, options, seeded)
+        evaluations = _evaluate_all(recipe, spec, out, options, seeded, builds)
+        comparison = _comparison(recipe, spec, builds, evaluations, seeded)
+        comparison.meta["seconds_total"] = round(time.perf_counter() - started, 1)
+        written = _write_results(comparison, out)
+    from gift_merge.compare.report import terminal_table
+
+    print(terminal_table(comparison))
+    print(f"\nresults: {written['results.md']}")
+    for plot in written.get("plots", []):
+        print(f"plot: {plot}")
+    return out
+
+
+def seeded_stages(recipe: Recipe) -> set[str]:
+    """Stages whose output a seed changes: training, random merges, and every stage reading one."""
+    seeded: set[str] = set()
+    for stage in recipe.stages:  # dependencies come first
+        random = isinstance(stage, TrainStage) or (
+            isinstance(stage, MergeStage) and get_operator(stage.merge_method).random
+        )
+        if random or stage_dependencies(stage) & seeded:
+            seeded.add(stage.name or "")
+    return seeded
+
+
+def folders_for_seed(recipe: Recipe, out: Path, seed: int, seeded: set[str], options: MergeOptions) -> dict[str, Path]:
+    shared = stage_folders(recipe, out, options.intermediate_dir)
+    return {
+        name: folder.parent / f"seed-{seed}" / folder.name if name in seeded else folder
+        for name, folder in shared.items()
+    }
+
+
+def seeded_stage(stage: Stage, seed: int) -> Stage:
+    """The stage as built for ``seed``: a train stage trains with it (its text records it, for reuse)."""
+    if not isinstance(stage, TrainStage):
+        return stage
+    config = stage.config.replace(seed=seed)
+    return dataclasses.replace(stage, config=config, text=f"{stage.text.rstrip()}\n# compare seed: {seed}\n")
+
+
+BuildTable = dict[tuple[str, int], dict[str, Any]]  # (stage, seed) → {"seconds", "peak_rss_bytes", "rebuilt"}
+
+
+def _build_all(recipe: Recipe, spec: CompareSpec, out: Path, options: MergeOptions, seeded: set[str]) -> BuildTable:
+    builds: BuildTable = {}
+    needed = _needed_stages(recipe, spec)
+    for seed in spec.seeds:
+        folders = folders_for_seed(recipe, out, seed, seeded, options)
+        resolver = stage_resolver(recipe, folders)
+        seed_options = dataclasses.replace(options, seed=seed)
+        rebuilt: set[str] = set()
+        for stage in recipe.stages:
+            name = stage.name or ""
+            if name not in needed or (name not in seeded and (name, spec.seeds[0]) in builds):
+                if name not in seeded and (name, spec.seeds[0]) in builds:
+                    builds[(name, seed)] = builds[(name, spec.seeds[0])]
+                continue
+            stage = seeded_stage(stage, seed)
+            target = folders[name]
+            label = f"{name} (seed {seed})" if name in seeded else name
+            if not (stage_dependencies(stage) & rebuilt) and stage_is_current(target, stage):
+                log.info("compare: stage %s is up to date in %s", label, target)
+                builds[(name, seed)] = {**_read_build_record(target), "rebuilt": False}
+                continue
+            log.info("compare: building stage %s …", label)
+            with measured() as measurement:
+                build_stage(stage, target, folders, resolver, seed_options, overwrite=True)
+            record = {"seconds": round(measurement.seconds, 3), "peak_rss_bytes": measurement.peak_rss_bytes}
+            (target / BUILD_RECORD).write_text(json.dumps(record) + "\n")
+            builds[(name, seed)] = {**record, "rebuilt": True}
+            rebuilt.add(name)
+            log.info("compare: built %s in %.1f s", label, measurement.seconds)
+    return builds
+
+
+def _needed_stages(recipe: Recipe, spec: CompareSpec) -> set[str]:
+    """The arms' stages and everything they read."""
+    by_name = {s.name: s for s in recipe.stages if s.name}
+    needed: set[str] = set()
+    pending = [a.stage for a in spec.arms if a.stage]
+    while pending:
+        name = pending.pop()
+        if name and name not in needed:
+            needed.add(name)
+            pending += sorted(stage_dependencies(by_name[name]))
+    return needed
+
+
+def _read_build_record(folder: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((folder / BUILD_RECORD).read_text()))
+    except (OSError, ValueError):
+        return {"seconds": None, "peak_rss_bytes": None}
+
+
+def _closure(recipe: Recipe, stage: str) -> set[str]:
+    by_name = {s.name: s for s in recipe.stages if s.name}
+    found: set[str] = set()
+    pending = [stage]
+    while pending:
+        name = pending.pop()
+        if name not in found:
+            found.add(name)
+            pending += sorted(stage_dependencies(by_name[name]))
+    return found
+
+
+Evaluations = dict[tuple[str, int], dict[str, Any]]  # (arm, seed) → eval record
+
+
+def _evaluate_all(
+    recipe: Recipe, spec: CompareSpec, out: Path, options: MergeOptions, seeded: set[str], builds: BuildTable
+) -> Evaluations:
+    from gift_merge.evaluate.harness import run_harness
+    from gift_merge.evaluate.loading import load_for_eval
+    from gift_merge.evaluate.record import eval_record, write_json
+
+    evaluations: Evaluations = {}
+    greedy = spec.evaluation.sampling_temperature is None
+    for arm in spec.arms:
+        varies = arm.stage is not None and arm.stage in seeded
+        seeds = spec.seeds if varies or not greedy else spec.seeds[:1]
+        for seed in seeds:
+            target = _arm_target(recipe, arm, out, seed, seeded, options)
+            eval_options = dataclasses.replace(spec.evaluation, seed=seed)
+            key = _eval_key(target, eval_options, spec)
+            cache = out / "evals" / arm.name / f"seed-{seed}.json"
+            cached = _read_cached(cache, key)
+            label = f"{arm.name} (seed {seed})" if len(seeds) > 1 else arm.name
+            if cached is not None:
+                log.info("compare: %s evaluated before with the same model and settings; reusing", label)
+                evaluations[(arm.name, seed)] = cached
+                continue
+            log.info("compare: evaluating %s on %s …", label, ", ".join(spec.tasks))
+            started = time.perf_counter()
+            loaded = load_for_eval(target, device=spec.device, dtype=spec.dtype)
+            run = run_harness(loaded.model, loaded.tokenizer, eval_options, device=spec.device)
+            del loaded
+            seconds = time.perf_counter() - started
+            record = {**eval_record(target.label, eval_options, run, seconds, keep_samples=True), "key": key}
+            write_json(cache, record)
+            evaluations[(arm.name, seed)] = record
+            shown = ", ".join(f"{task} {_headline(spec, task, run.scores[task])}" for task in spec.tasks)
+            log.info("compare: %s: %s (%.1f s)", label, shown, seconds)
+    return evaluations
+
+
+def _arm_target(
+    recipe: Recipe, arm: ArmSpec, out: Path, seed: int, seeded: set[str], options: MergeOptions
+) -> EvalTarget:
+    if arm.model is not None:
+        return model_target(arm.model, relative_to=recipe.folder)
+    folders = folders_for_seed(recipe, out, seed, seeded, options)
+    stage = next(s for s in recipe.stages if s.name == arm.stage)
+    folder = folders[arm.stage or ""]
+    if isinstance(stage, TrainStage):  # an adapter: evaluated on the model it was trained on
+        base = model_target(stage.base, relative_to=recipe.folder, folders=folders)
+        return EvalTarget(f"{arm.name}", base.model, folder)
+    return EvalTarget(arm.name, folder)
+
+
+def _eval_key(target: EvalTarget, options: EvalOptions, spec: CompareSpec) -> str:
+    material = {
+        "model": _fingerprint(target.model),
+        "adapter": _fingerprint(target.adapter) if target.adapter else None,
+        "options": options.record(),
+        "device": spec.device,
+        "dtype": spec.dtype,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fingerprint(folder: Path) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of a folder's files: changes whenever it is rebuilt."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+
+
+def _read_cached(path: Path, key: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") == key else None
+
+
+def headline_metric(spec: CompareSpec, task: str, metrics: dict[str, float]) -> str:
+    """The metric a task is ranked by: the recipe's choice, else accuracy, ROUGE-L … as reported."""
+    chosen = spec.headline.get(task)
+    if chosen is not None:
+        if chosen not in metrics:
+            raise GiftMergeError(
+                f"{spec.where}.metrics.{task}: {chosen!r} is not reported (the task reports {', '.join(metrics)})"
+            )
+        return chosen
+    for metric in HEADLINE_PREFERENCE:
+        if metric in metrics:
+            return metric
+    if not metrics:
+        raise GiftMergeError(f"task {task}: lm-eval reported no metric")
+    return next(iter(metrics))
+
+
+def _headline(spec: CompareSpec, task: str, metrics: dict[str, float]) -> str:
+    metric = headline_metric(spec, task, metrics)
+    return f"{metric} {metrics[metric]:.3f}"
+
+
+def _comparison(
+    recipe: Recipe, spec: CompareSpec, builds: BuildTable, evaluations: Evaluations, seeded: set[str]
+) -> Comparison:
+    scores = [
+        Score(arm, task, metric, seed, float(value))
+        for (arm, seed), record in evaluations.items()
+        for task, metrics in record["scores"].items()
+        for metric, value in metrics.items()
+    ]
+    first = next(iter(evaluations.values()))
+    headline = {task: headline_metric(spec, task, first["scores"][task]) for task in spec.tasks}
+    arms = []
+    for arm in spec.arms:
+        seconds, peak = _build_cost(recipe, arm, spec, builds)
+        eval_times = [r["seconds"] for (name, _), r in evaluations.items() if name == arm.name]
+        arms.append(
+            ArmRecord(
+                name=arm.name,
+                source=arm.source,
+                build_seconds=seconds,
+                peak_rss_bytes=peak,
+                eval_seconds=sum(eval_times) / len(eval_times) if eval_times else None,
+                sweep=arm.sweep,
+                family=arm.family,
+                gate=arm.gate,
+            )
+        )
+    return Comparison(
+        arms=arms,
+        scores=scores,
+        tasks=list(spec.tasks),
+        headline=headline,
+        reference=spec.reference,
+        retention_task=spec.retention_task,
+        target_task=spec.target_task,
+        samples=spec.evaluation.samples,
+        meta={
+            "recipe": str(recipe.path) if recipe.path else None,
+            "seeds": list(spec.seeds),
+            "evaluation": {**spec.evaluation.record(), "device": spec.device, "dtype": spec.dtype},
+            "seeded_stages": sorted(seeded),
+            "stages": {f"{name}@seed-{seed}": b for (name, seed), b in sorted(builds.items())},
+        },
+    )
+
+
+def _build_cost(recipe: Recipe, arm: ArmSpec, spec: CompareSpec, builds: BuildTable) -> tuple[float | None, int | None]:
+    """Mean over seeds of the seconds its stages took (shared ones counted in full), and their peak."""
+    if arm.stage is None:
+        return None, None
+    stages = _closure(recipe, arm.stage)
+    per_seed, peaks = [], []
+    for seed in spec.seeds:
+        records = [builds.get((name, seed), {}) for name in stages]
+        if any(r.get("seconds") is None for r in records):
+            return None, None
+        per_seed.append(sum(r["seconds"] for r in records))
+        peaks += [r["peak_rss_bytes"] for r in records if r.get("peak_rss_bytes")]
+    return sum(per_seed) / len(per_seed), max(peaks) if peaks else None
+
+
+def _write_results(comparison: Comparison, out: Path) -> dict[str, Any]:
+    from gift_merge.compare.plots import write_plots
+    from gift_merge.compare.report import write_tables
+
+    written: dict[str, Any] = {path.name: path for path in write_tables(comparison, out).values()}
+    written["plots"] = write_plots(comparison, out)
+    return written
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One comparison at a time per output folder: a second run refuses at once, naming the holder."""
+    lock = out / LOCK_NAME
+    _acquire(lock)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _acquire(lock: Path) -> None:
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.is_file() else ""
+            if holder.isdigit() and not _alive(int(holder)):
+                lock.unlink(missing_ok=True)  # left by a process that no longer runs
+                continue
+            raise GiftMergeError(
+                f"{lock.parent}: another comparison (process {holder or '?'}) is writing here; wait for it"
+            ) from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return
+    raise GiftMergeError(f"{lock}: cannot take the lock")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,1 @@
+"""Evaluation of models through lm-evaluation-harness."""
