@@ -1,0 +1,1 @@
+"""Tests of the lm-eval tasks shipped in gift_merge.evaluate.tasks and their metrics."""
