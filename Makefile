@@ -1,4 +1,4 @@
-# One venv, CPU torch, the package with its dev extras. `make test` and `make demo` work from a fresh clone.
+# One venv, CPU torch, the package with its dev and eval extras. `make test` and `make demo` work from a fresh clone.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU build first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,eval]'
 	touch $(STAMP)
 
 install: $(STAMP)
