@@ -59,7 +59,7 @@ def annotate(config: AnnotateConfig, *, quiet: bool = False) -> Path:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer, folder = load_tokenizer(config.instruct)
-    builder = PromptBuilder(config.prompt_template, tokenizer, config.instruct)
+    builder = PromptBuilder(config.template, tokenizer, config.instruct)
     examples = [builder.example(line, row, config.data) for line, row in rows]  # fail before loading
     settings = {"instruct": str(folder), "prompt": builder.describe(), "max_length": config.max_length}
 

@@ -78,7 +78,8 @@ def load_checkpoint(path: str | Path, fingerprint: dict[str, Any], device: torch
     folder = find_checkpoint(path)
     state = json.loads((folder / STATE).read_text())
     previous = state["fingerprint"]
-    for key, value in fingerprint.items():
+    for key in fingerprint | previous:  # both ways: a setting may be recorded only where it was set
+        value = fingerprint.get(key)
         if previous.get(key) != value:
             raise GiftMergeError(
                 f"--resume {folder}: was made with {key}={previous.get(key)!r}, this run has {value!r}"

@@ -23,21 +23,28 @@ import yaml
 
 from gift_merge.errors import GiftMergeError
 from gift_merge.suggest import did_you_mean
+from gift_merge.train.prompts import PROMPT_PRESETS
 
 MODES = ("gift", "sft")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+CHAT_END = "chat_end"  # --eos-token value: the end-of-turn token of the chat template
 _PATH_KEYS = ("data", "out", "resume")  # resolved against the YAML file's folder
 _MODEL_KEYS = ("base", "instruct")  # resolved only when such a folder exists (else a Hub id)
+_ALTERNATIVES = {"prompt_preset": "prompt_template", "prompt_template": "prompt_preset"}  # one setting, two forms
 
 C = TypeVar("C", bound="_Config")
 
 
 class _FieldError(ValueError):
-    """A bad value for one field; :meth:`_Config.from_mapping` names it as the user wrote it."""
+    """A bad value for one field; :meth:`_Config.from_mapping` names it as the user wrote it.
 
-    def __init__(self, key: str, message: str) -> None:
+    ``conflict`` is another field this one cannot be combined with; its name is spelt the same way.
+    """
+
+    def __init__(self, key: str, message: str, conflict: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+        self.conflict = conflict
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -95,6 +102,9 @@ class _Config:
         try:
             return cls(**kwargs)
         except _FieldError as exc:
+            if exc.conflict is not None:
+                other = exc.conflict if where else "--" + exc.conflict.replace("_", "-")
+                raise GiftMergeError(f"{label(exc.key)}: cannot be combined with {other}; {exc}") from None
             raise GiftMergeError(f"{label(exc.key)}: {exc}") from None
 
     def replace(self: C, **changes: Any) -> C:
@@ -134,6 +144,26 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
         raise _FieldError(key, f"must be one of {', '.join(options)}, got {value!r}{did_you_mean(value, options)}")
 
 
+def _check_prompt(template: str | None, preset: str | None) -> None:
+    """A preset *is* a prompt template, so at most one of the two may be given."""
+    if template is not None and "{instruction}" not in template:
+        raise _FieldError("prompt_template", "must contain {instruction}")
+    if preset is not None:
+        _choice("prompt_preset", preset, tuple(PROMPT_PRESETS))
+        if template is not None:
+            raise _FieldError("prompt_preset", "give one of the two (a preset is a prompt template)", "prompt_template")
+
+
+def _prompt_template(template: str | None, preset: str | None) -> str | None:
+    return PROMPT_PRESETS[preset] if preset is not None else template
+
+
+_PRESET_HELP = (
+    f"The GIFT authors' prompt, byte for byte: {', '.join(PROMPT_PRESETS)} "
+    "(instead of --prompt-template or the chat template)."
+)
+
+
 @dataclass(frozen=True)
 class AnnotateConfig(_Config):
     """Options of ``gift-merge annotate``: score every response token with the instruct model."""
@@ -152,6 +182,7 @@ class AnnotateConfig(_Config):
     prompt_template: str | None = _opt(
         None, "Prompt with {instruction}, for models without a chat template [default: the chat template]."
     )
+    prompt_preset: str | None = _opt(None, _PRESET_HELP, metavar="NAME")
     max_length: int = _opt(2048, "Truncate prompt+response to max_length − 1 tokens, as the authors do.")
     batch_size: int = _opt(16, "Sequences per forward pass (length-sorted; scores do not depend on it).")
     device: str = _opt("auto", "cpu, cuda, cuda:1 … [auto: cuda when available].")
@@ -162,8 +193,12 @@ class AnnotateConfig(_Config):
             raise _FieldError("max_length", f"must be at least 2, got {self.max_length}")
         _positive("batch_size", self.batch_size)
         _choice("dtype", self.dtype, DTYPES)
-        if self.prompt_template is not None and "{instruction}" not in self.prompt_template:
-            raise _FieldError("prompt_template", "must contain {instruction}")
+        _check_prompt(self.prompt_template, self.prompt_preset)
+
+    @property
+    def template(self) -> str | None:
+        """The ``{instruction}`` template that formats prompts (a preset's), or None for the chat template."""
+        return _prompt_template(self.prompt_template, self.prompt_preset)
 
 
 @dataclass(frozen=True)
@@ -184,7 +219,13 @@ class TrainConfig(_Config):
         metavar="MODEL",
     )
     prompt_template: str | None = _opt(None, "Prompt with {instruction}, instead of the chat template.")
-    eos_token: str | None = _opt(None, "End-of-response token appended to targets [default: the base's EOS].")
+    prompt_preset: str | None = _opt(None, _PRESET_HELP, metavar="NAME")
+    eos_token: str | None = _opt(
+        None,
+        f"Token appended after each response; {CHAT_END}: the end of turn of the instruct model's chat template "
+        "(<|im_end|>, <|eot_id|> …) [default: the base's EOS].",
+        metavar="TOKEN",
+    )
     r: int = _opt(
         64, "LoRA rank (--lora-r under torchrun, whose parser takes --r for its --role).", aliases=("--lora-r",)
     )
@@ -197,6 +238,11 @@ class TrainConfig(_Config):
     epochs: int = _opt(1, "Passes over the data.")
     batch_size: int = _opt(4, "Sequences per micro-batch on each device.")
     grad_accum: int = _opt(64, "Micro-batches per optimizer step on each device.")
+    drop_last_accumulation: bool = _opt(
+        False,
+        "Count steps as transformers 4.51 did: ⌊micro-batches / (grad_accum × devices)⌋ per epoch, skipping "
+        "the last partial step [default: round up, the last step shorter].",
+    )
     max_length: int = _opt(2048, "Longest training sequence, prompt + response + EOS, in tokens.")
     warmup_ratio: float = _opt(0.1, "Fraction of optimizer steps spent warming up linearly.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
@@ -228,8 +274,14 @@ class TrainConfig(_Config):
         for key in ("gamma", "weight_decay", "max_grad_norm", "save_steps"):
             if getattr(self, key) < 0:
                 raise _FieldError(key, f"must be ≥ 0, got {getattr(self, key)}")
-        if self.prompt_template is not None and "{instruction}" not in self.prompt_template:
-            raise _FieldError("prompt_template", "must contain {instruction}")
+        _check_prompt(self.prompt_template, self.prompt_preset)
+        if self.eos_token is not None and not self.eos_token:
+            raise _FieldError("eos_token", "must not be empty")
+
+    @property
+    def template(self) -> str | None:
+        """The ``{instruction}`` template that formats prompts (a preset's), or None for the chat template."""
+        return _prompt_template(self.prompt_template, self.prompt_preset)
 
     @property
     def out_path(self) -> Path:
@@ -274,5 +326,9 @@ def train_config_from_yaml(path: str | Path, overrides: Mapping[str, Any] | None
     section, folder = load_train_section(path)
     config = TrainConfig.from_mapping(section, where=f"{path}: train", folder=folder)
     if overrides:
-        return TrainConfig.from_mapping({**dataclasses.asdict(config), **overrides})
+        values = {**dataclasses.asdict(config), **overrides}
+        for key, other in _ALTERNATIVES.items():  # a flag replaces the file's other spelling of it
+            if key in overrides and other not in overrides:
+                values[other] = None
+        return TrainConfig.from_mapping(values)
     return config

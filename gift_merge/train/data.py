@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gift_merge.errors import GiftMergeError
+from gift_merge.train.prompts import fill_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -112,8 +113,8 @@ class PromptBuilder:
         if self.template is not None:
             roles = [m.get("role") for m in messages]
             if roles != ["user"]:
-                raise ValueError(f"--prompt-template takes one user message, got roles {roles}")
-            return self.template.replace("{instruction}", str(messages[0].get("content", "")))
+                raise ValueError(f"a prompt template or preset takes one user message, got roles {roles}")
+            return fill_template(self.template, str(messages[0].get("content", "")))
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return str(text)
 

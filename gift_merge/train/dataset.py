@@ -20,9 +20,9 @@ from transformers import PreTrainedTokenizerBase
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.locate import locate
 from gift_merge.train import distributed
-from gift_merge.train.config import AnnotateConfig, TrainConfig
+from gift_merge.train.config import CHAT_END, AnnotateConfig, TrainConfig
 from gift_merge.train.data import PromptBuilder, encode_pairs, file_sha256, read_jsonl, training_ids
-from gift_merge.train.model import eos_id, load_tokenizer
+from gift_merge.train.model import chat_end_token, eos_id, load_tokenizer
 from gift_merge.train.weights import ScoreMismatch, TokenSequence, build_sequence
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ class TrainingSet:
     data_sha256: str  # of --data as given
     annotations: Path | None  # the annotated file used, when annotation ran (or was reused)
     prompt: str  # how prompts were formatted
-    eos_token: str
+    eos_token: str  # the token appended after each response
+    eos_id: int
     skipped: int  # rows with no response token left after truncation
     truncated: int  # rows cut at max_length
 
@@ -74,11 +75,17 @@ def load_training_set(
     """Read ``config.data`` and turn every row into a :class:`TokenSequence` with its GIFT weights."""
     rows = read_jsonl(config.data)
     data_sha = file_sha256(config.data)
+    # The instruct model's chat template formats prompts (unless a template or preset does) and ends turns.
     if config.instruct is not None:
-        chat_tokenizer, _ = load_tokenizer(config.instruct)
-        builder = PromptBuilder(config.prompt_template, chat_tokenizer, config.instruct)
+        chat_tokenizer, chat_source = load_tokenizer(config.instruct)[0], config.instruct
     else:
-        builder = PromptBuilder(config.prompt_template, tokenizer, config.base)
+        chat_tokenizer, chat_source = tokenizer, config.base
+    builder = PromptBuilder(config.template, chat_tokenizer, chat_source)
+    if config.eos_token == CHAT_END:
+        end = chat_end_token(chat_tokenizer, chat_source)
+        eos, eos_text = eos_id(tokenizer, end, f" (chat_end of {chat_source})")
+    else:
+        eos, eos_text = eos_id(tokenizer, config.eos_token)
     with_scores = sum("scores" in row for _, row in rows)
     if 0 < with_scores < len(rows):
         raise GiftMergeError(f"{config.data}: {with_scores} of {len(rows)} rows have scores; annotate all or none")
@@ -99,6 +106,7 @@ def load_training_set(
                     data=config.data,
                     out=str(annotations),
                     prompt_template=config.prompt_template,
+                    prompt_preset=config.prompt_preset,
                     max_length=config.max_length,
                     batch_size=config.annotate_batch_size,
                     device=config.device if not ranks.distributed else "auto",
@@ -111,7 +119,6 @@ def load_training_set(
         rows = read_jsonl(annotations)
 
     examples = [builder.example(line, row, source) for line, row in rows]
-    eos, eos_text = eos_id(tokenizer, config.eos_token)
     sequences, skipped, truncated = [], 0, 0
     for example, (ids, prompt_len) in zip(examples, encode_pairs(tokenizer, examples), strict=True):
         full, prompt_len, cut = training_ids(ids, prompt_len, eos, config.max_length)
@@ -132,4 +139,4 @@ def load_training_set(
         log.warning("%d row(s) skipped: the prompt fills all %d tokens", skipped, config.max_length)
     if not sequences:
         raise GiftMergeError(f"{config.data}: no row has a response token within {config.max_length} tokens")
-    return TrainingSet(sequences, data_sha, annotations, builder.describe(), eos_text, skipped, truncated)
+    return TrainingSet(sequences, data_sha, annotations, builder.describe(), eos_text, eos, skipped, truncated)

@@ -29,9 +29,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from gift_merge.errors import GiftMergeError
 from gift_merge.io.writer import check_output_free
 from gift_merge.train import distributed
 from gift_merge.train.checkpoint import load_checkpoint, save_checkpoint
@@ -59,9 +61,9 @@ log = logging.getLogger(__name__)
 # Settings a checkpoint must share with the run that resumes it; the rest (device, output, how often
 # to save) may change between the two.
 _RESUME_KEYS = (
-    "base", "mode", "instruct", "prompt_template", "eos_token", "r", "alpha", "dropout", "targets", "lr",
-    "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "gamma",
-    "floor", "dtype",
+    "base", "mode", "instruct", "prompt_template", "prompt_preset", "eos_token", "r", "alpha", "dropout",
+    "targets", "lr", "epochs", "batch_size", "max_length", "warmup_ratio", "weight_decay", "max_grad_norm",
+    "seed", "gamma", "floor", "dtype",
 )  # fmt: skip
 
 
@@ -110,6 +112,21 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
     dtype = resolve_dtype(config.dtype, device)
     tokenizer, base_folder = load_tokenizer(config.base)
     data = load_training_set(config, tokenizer, ranks, dtype, quiet=quiet)
+    schedule = Schedule(
+        len(data.sequences),
+        config.batch_size,
+        config.grad_accum,
+        ranks.world,
+        config.epochs,
+        config.seed,
+        drop_last=config.drop_last_accumulation,
+    )
+    if schedule.total_steps == 0:
+        raise GiftMergeError(
+            f"--drop-last-accumulation: {len(data.sequences)} sequences make {schedule.micro_batches_per_epoch} "
+            f"micro-batches, fewer than one step of {schedule.per_step} (grad_accum × devices); without the flag "
+            "they train one short step, as transformers does"
+        )
     model = load_model(base_folder, dtype, device, quiet=quiet)
     split = split_head(model)
     targets, conv1d = lora_targets(model, config.targets)
@@ -134,13 +151,11 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
-    schedule = Schedule(
-        len(data.sequences), config.batch_size, config.grad_accum, ranks.world, config.epochs, config.seed
-    )
-    warmup = math.ceil(schedule.total_steps * config.warmup_ratio)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, schedule.total_steps)
+    scheduler, warmup = lr_schedule(optimizer, schedule.total_steps, config.warmup_ratio)
     fingerprint = {k: _jsonable(getattr(config, k)) for k in _RESUME_KEYS}
     fingerprint |= {"data_sha256": data.data_sha256, "micro_batches_per_step": schedule.per_step}
+    if config.drop_last_accumulation:  # only when set, so checkpoints from before the option still resume
+        fingerprint["drop_last_accumulation"] = True
 
     records: list[dict[str, Any]] = []
     first_step = 0
@@ -224,6 +239,16 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
     return TrainResult(out=out, adapter=adapter, steps=schedule.total_steps, log=records)
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> tuple[LambdaLR, int]:
+    """transformers' linear schedule with ``⌈total_steps × warmup_ratio⌉`` warmup steps, and that count.
+
+    Sized by the steps actually taken, as transformers 4.51 sized it by its own count: with
+    ``--drop-last-accumulation`` the lrs are the authors' (0, 2e-4, 1.667e-4 … 3.33e-5 for their 7 steps).
+    """
+    warmup = math.ceil(total_steps * warmup_ratio)
+    return get_linear_schedule_with_warmup(optimizer, warmup, total_steps), warmup
+
+
 def _after_step(step: int) -> None:
     """Called after every optimizer step; tests replace it to interrupt a run."""
 
@@ -258,7 +283,9 @@ def _provenance(
         "data_sha256": data.data_sha256,
         "annotations": str(data.annotations) if data.annotations else None,
         "prompt": data.prompt,
+        "prompt_preset": config.prompt_preset,
         "eos_token": data.eos_token,
+        "eos_token_id": data.eos_id,
         "max_length": config.max_length,
         "examples": len(data.sequences),
         "skipped": data.skipped,
@@ -280,9 +307,13 @@ def _provenance(
             "grad_accum": config.grad_accum,
             "world_size": world,
             "global": config.batch_size * config.grad_accum * world,
+            "drop_last_accumulation": config.drop_last_accumulation,
         },
         "epochs": config.epochs,
         "steps": schedule.total_steps,
+        "sequences_per_epoch": min(
+            schedule.steps_per_epoch * schedule.per_step * config.batch_size, len(data.sequences)
+        ),
         "seed": config.seed,
         "dtype": str(dtype).removeprefix("torch."),
         "gradient_checkpointing": config.gradient_checkpointing,

@@ -75,15 +75,55 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
-def eos_id(tokenizer: PreTrainedTokenizerBase, eos_token: str | None) -> tuple[int, str]:
-    """The id and text of the end-of-response token: ``eos_token`` if given, else the tokenizer's EOS."""
+def eos_id(tokenizer: PreTrainedTokenizerBase, eos_token: str | None, origin: str = "") -> tuple[int, str]:
+    """The id and text of the end-of-response token: ``eos_token`` if given, else the tokenizer's EOS.
+
+    ``origin`` says where a resolved ``eos_token`` came from, for the error when it is not one token.
+    """
     token = eos_token if eos_token is not None else tokenizer.eos_token
     if not token:
         raise GiftMergeError("the base tokenizer has no EOS token; pass --eos-token")
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise GiftMergeError(f"--eos-token {token!r}: is {len(ids)} tokens, expected one special token")
+        raise GiftMergeError(
+            f"--eos-token {token!r}{origin}: is {len(ids)} tokens of the base tokenizer, expected one special token"
+        )
     return int(ids[0]), str(token)
+
+
+def chat_end_token(tokenizer: PreTrainedTokenizerBase, source: str) -> str:
+    """The special token that closes a turn of ``tokenizer``'s chat template (``<|im_end|>``, ``<|eot_id|>`` …).
+
+    Found by rendering a short conversation and taking the first special token after the last message's
+    text, so it is whatever the template really emits, not a guess from the model's name. That token is
+    what an instruct model was taught to stop with, hence what the GIFT authors append to training
+    responses for Llama 3.
+    """
+    from jinja2 import TemplateError
+
+    marker = "gift-merge-reply-7d2a"  # plain text that no template alters
+    probes = (
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],  # the assistant's turn
+        [{"role": "user", "content": marker}],  # for templates that refuse to end on an assistant message
+    )
+    special = set(tokenizer.all_special_tokens)
+    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    for messages in probes:
+        try:
+            text = str(tokenizer.apply_chat_template(messages, tokenize=False))
+        except (TemplateError, ValueError):  # no template, or one that rejects this conversation
+            continue
+        at = text.find(marker)
+        if at < 0:
+            continue
+        after = tokenizer(text[at + len(marker) :], add_special_tokens=False)["input_ids"]
+        found = next((t for t in tokenizer.convert_ids_to_tokens(after) if t in special), None)
+        if found is not None:
+            return str(found)
+    raise GiftMergeError(
+        f"--eos-token chat_end: cannot find the end-of-turn token of {source}'s chat template; "
+        "pass the token itself, e.g. --eos-token '<|eot_id|>'"
+    )
 
 
 def lora_targets(model: nn.Module, requested: tuple[str, ...] | None) -> tuple[list[str], bool]:

@@ -8,7 +8,9 @@ ranks with ``grad_accum = 1`` see together, and a resumed run can skip straight 
 
 The last step of an epoch may hold fewer micro-batches (it is normalised by its own count); ranks left
 without one get a *filler*: a real micro-batch whose loss is multiplied by 0, so every rank still joins
-the gradient all-reduce.
+the gradient all-reduce. With ``drop_last`` that short step is skipped instead, as transformers 4.51
+(the GIFT authors' version) did: ⌊micro-batches / (grad_accum × world)⌋ full steps per epoch, over the
+first micro-batches of the epoch's order, so every step is full and no rank needs a filler.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Schedule:
     world: int
     epochs: int
     seed: int
+    drop_last: bool = False  # skip each epoch's short last step
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -48,6 +51,9 @@ class Schedule:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch; 0 when ``drop_last`` leaves not even one full step."""
+        if self.drop_last:
+            return self.micro_batches_per_epoch // self.per_step
         return math.ceil(self.micro_batches_per_epoch / self.per_step)
 
     @property

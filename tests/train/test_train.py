@@ -231,3 +231,69 @@ def test_cli_errors_are_one_line(
     result = CliRunner().invoke(main, [*args, "--device", "cpu", "--max-length", str(MAX_LENGTH)])
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+def test_drop_last_accumulation_skips_the_short_last_step(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """24 rows, batch 1, accumulation 5: ⌊24 / 5⌋ = 4 steps over 20 rows instead of 5 over 24.
+
+    Both runs use the authors' Qwen prompt and the chat template's end of turn as EOS, which gift.json records.
+    """
+    options = {"mode": "sft", "batch_size": 1, "grad_accum": 5, "max_length": 256, "prompt_preset": "qwen25"}
+    options |= {"eos_token": "chat_end"}
+    run(tiny, NUMINA, tmp_path / "full", **options)
+    run(tiny, NUMINA, tmp_path / "drop", drop_last_accumulation=True, **options)
+    full, drop = (
+        [json.loads(x) for x in (tmp_path / d / "training_log.jsonl").read_text().splitlines()]
+        for d in ("full", "drop")
+    )
+    assert len(full) == 5 and len(drop) == 4
+    lr = 1e-3  # warmup ⌈4 × 0.1⌉ = 1 step, then linear decay to 0 at step 4 (not 5)
+    assert [r["lr"] for r in drop] == pytest.approx([0.0, lr, lr * 2 / 3, lr * 1 / 3], rel=1e-12)
+    assert [r["tokens"] for r in drop] == [r["tokens"] for r in full[:4]]  # the same first 4 × 5 rows
+    assert [r["loss"] for r in drop[:2]] == [r["loss"] for r in full[:2]]  # same weights until lrs differ
+
+    record = json.loads((tmp_path / "drop" / "gift.json").read_text())
+    assert record["steps"] == 4 and record["sequences_per_epoch"] == 20 and record["batch"]["drop_last_accumulation"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny["base"])
+    assert (record["eos_token"], record["eos_token_id"]) == (
+        "<|im_end|>",
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    assert record["prompt_preset"] == "qwen25" and record["config"]["eos_token"] == "chat_end"
+
+
+def test_drop_last_accumulation_resumes_and_is_part_of_the_checkpoint(
+    tiny: dict[str, Path], annotated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = {"batch_size": 5, "grad_accum": 2, "drop_last_accumulation": True}  # 5 micro-batches: 2 steps
+    straight = run(tiny, annotated, tmp_path / "straight", **options)
+
+    def crash(step: int) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    out, checkpoints = tmp_path / "resumed", tmp_path / "resumed.checkpoints"
+    monkeypatch.setattr(loop_module, "_after_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, annotated, out, save_steps=1, **options)
+    monkeypatch.undo()
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000001"]
+    with pytest.raises(GiftMergeError, match=r"was made with drop_last_accumulation=True, this run has None"):
+        run(tiny, annotated, out, resume=str(checkpoints), **{**options, "drop_last_accumulation": False})
+    resumed = run(tiny, annotated, out, resume=str(checkpoints), **options)
+    assert all(torch.equal(straight[n], resumed[n]) for n in straight)
+
+    with pytest.raises(GiftMergeError, match=r"^--drop-last-accumulation: 24 sequences make 3 micro-batches, fewer"):
+        run(tiny, annotated, tmp_path / "none", batch_size=8, grad_accum=4, drop_last_accumulation=True)
+
+
+def test_prompt_preset_reaches_the_annotation_it_triggers(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Unscored data + --instruct + a preset: the scores are made on the preset's prompts, so they fit."""
+    run(tiny, NUMINA, tmp_path / "out", prompt_preset="deepseek_math", max_length=256, grad_accum=6)
+    (cached,) = tmp_path.glob("out.annotated-*.jsonl")
+    record = json.loads((tmp_path / "out" / "gift.json").read_text())
+    assert record["annotations"] == str(cached) and record["prompt_preset"] == "deepseek_math"
+    assert record["prompt"].startswith("template: User: {instruction}\nPlease reason step by step")
+    run(tiny, NUMINA, tmp_path / "chat", max_length=256, grad_accum=6)  # the chat template: other scores
+    assert len(list(tmp_path.glob("chat.annotated-*.jsonl"))) == 1
+    assert cached.read_text() != next(tmp_path.glob("chat.annotated-*.jsonl")).read_text()
