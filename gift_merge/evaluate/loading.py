@@ -111,4 +111,4 @@ def _merge_adapter(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise GiftMergeError(f"{adapter}: cannot apply this adapter ({str(exc).splitlines()[0]})") from exc
-    return merged  # type: ignore[return-value]  # merge_and_unload returns the underlying model
+    return merged  # merge_and_unload returns the underlying model
