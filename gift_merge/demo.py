@@ -68,6 +68,7 @@ def main(root: Path | None = None) -> int:
         "  gift-merge run recipes/gift-transfer.yaml      # add a LoRA adapter to the instruct model (GIFT's last step)"
     )
     print("  gift-merge plan recipes/gift-pipeline.yaml     # what the GIFT pipeline trains and merges")
+    print("  gift-merge compare recipes/compare-baselines.yaml  # GIFT's baselines built, evaluated, ranked, plotted")
     return 0
 
 
