@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ SECTION_KEYS = (
 )  # fmt: skip
 EVAL_KEYS = (
     "limit", "batch_size", "num_fewshot", "samples", "temperature", "max_new_tokens", "chat_template",
-    "system_prompt", "device", "dtype",
+    "system_prompt", "prompt_preset", "device", "dtype",
 )  # fmt: skip
 INLINE_KEYS = ("sweep", "gate")
 
@@ -249,8 +250,9 @@ def _parse_eval(raw: Any, where: str, tasks: tuple[str, ...]) -> tuple[EvalOptio
         options = EvalOptions(tasks=tasks, **settings)
     except TypeError as exc:
         raise GiftMergeError(f"{where}: {exc}") from None
-    except GiftMergeError as exc:
-        raise GiftMergeError(f"{where}: {str(exc).lstrip('-')}") from None
+    except GiftMergeError as exc:  # named by its CLI flag (--prompt-preset); here by its YAML key
+        message = re.sub(r"^--([\w-]+)", lambda flag: flag.group(1).replace("-", "_"), str(exc))
+        raise GiftMergeError(f"{where}: {message}") from None
     return options, str(raw.get("device", "cpu")), str(raw.get("dtype", "auto"))
 
 

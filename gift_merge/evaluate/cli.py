@@ -35,6 +35,9 @@ def _task_list(value: str | None) -> tuple[str, ...]:
 @click.option("--max-new-tokens", type=int, default=None, help="Cap on generated tokens [default: the task's].")
 @click.option("--no-chat-template", is_flag=True, help="Prompt with the raw task text, not the model's chat template.")
 @click.option("--system-prompt", default=None, help="A system message before every prompt.")
+@click.option("--prompt-preset", default=None, metavar="NAME",
+              help="The GIFT authors' prompt, byte for byte, as in training: qwen25, llama3, deepseek_math "
+                   "(replaces the chat template; shipped gift_* tasks only).")  # fmt: skip
 @click.option("--log-samples", is_flag=True, help="Keep every prompt, answer and per-document score in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--list-tasks", is_flag=True, help="List the offline tasks shipped with gift-merge and exit.")
@@ -42,7 +45,8 @@ def _task_list(value: str | None) -> tuple[str, ...]:
 def eval_command(model: str | None, tasks: str | None, out: Path | None, limit: float | None, batch_size: int,
                  device: str, dtype: str, num_fewshot: int | None, seed: int, samples: int,
                  temperature: float | None, max_new_tokens: int | None, no_chat_template: bool,
-                 system_prompt: str | None, log_samples: bool, overwrite: bool, list_tasks: bool) -> None:  # fmt: skip
+                 system_prompt: str | None, prompt_preset: str | None, log_samples: bool, overwrite: bool,
+                 list_tasks: bool) -> None:  # fmt: skip
     """Evaluate MODEL with lm-evaluation-harness.
 
     MODEL is a model folder, a Hub id (org/name[@revision]), MODEL+ADAPTER (the adapter merged with
@@ -72,6 +76,7 @@ def eval_command(model: str | None, tasks: str | None, out: Path | None, limit: 
         max_new_tokens=max_new_tokens,
         chat_template=not no_chat_template,
         system_prompt=system_prompt,
+        prompt_preset=prompt_preset,
     )
     if out is not None and out.exists() and not overwrite:
         raise GiftMergeError(f"{out}: already exists (use --overwrite to replace it)")
@@ -81,7 +86,7 @@ def eval_command(model: str | None, tasks: str | None, out: Path | None, limit: 
     from gift_merge.evaluate.record import eval_record, score_table, write_json
 
     target = resolve_target(model)
-    task_manager(options.tasks)  # unknown task names fail before the model loads
+    task_manager(options.tasks, options.prompt_preset)  # unknown task names fail before the model loads
     started = time.perf_counter()
     click.echo(f"evaluating {target.label} on {', '.join(options.tasks)} …", err=True)
     loaded = load_for_eval(target, device=device, dtype=dtype)

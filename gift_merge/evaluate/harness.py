@@ -4,8 +4,9 @@ lm-eval does the evaluation itself (prompting, chat templates, batching, generat
 task it knows works and the numbers are the ones the community reports. What this module adds: the
 task index (gift-merge's shipped offline tasks first, lm-eval's own only when a task needs them, since
 indexing lm-eval's thousands of task files takes seconds), the sampled-metric settings (``--samples K``
-becomes the task's ``repeats`` and sampling at temperature T), one seed for every random source, and
-scores keyed ``task → metric`` without lm-eval's filter suffixes.
+becomes the task's ``repeats`` and sampling at temperature T), one seed for every random source, the
+GIFT authors' prompts (``--prompt-preset``: the shipped tasks' loaders build them, lm-eval sends them as
+they are), and scores keyed ``task → metric`` without lm-eval's filter suffixes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 DEFAULT_SAMPLING_TEMPERATURE = 1.0
 """The GIFT paper's Average@16 samples at T = 1.0, top-p 1."""
 
+PRESET_TURN_ENDS: dict[str, str | None] = {"qwen25": "<|im_end|>", "llama3": "<|eot_id|>", "deepseek_math": None}
+"""Where the answer's turn ends in each prompt preset, so generation stops there (None: at the EOS only,
+which lm-eval always stops at); the preset templates close the user turn with the same marker."""
+
 
 @dataclass(frozen=True)
 class EvalOptions:
@@ -40,10 +45,16 @@ class EvalOptions:
     max_new_tokens: int | None = None
     chat_template: bool = True
     system_prompt: str | None = None
+    prompt_preset: str | None = None
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise GiftMergeError("--tasks: name at least one task (gift-merge eval --list-tasks)")
+        if self.prompt_preset is not None:
+            self._check_preset(self.prompt_preset)
+            # The preset is the whole prompt, its chat wrapping included as text: a chat template on top
+            # would wrap it twice. Recorded as off, so results.json says what lm-eval was asked to do.
+            object.__setattr__(self, "chat_template", False)
         if self.samples < 1:
             raise GiftMergeError(f"--samples: must be at least 1, got {self.samples}")
         if self.temperature is not None and self.temperature < 0:
@@ -54,6 +65,25 @@ class EvalOptions:
             raise GiftMergeError(f"--limit: must be positive, got {self.limit}")
         if self.batch_size < 1:
             raise GiftMergeError(f"--batch-size: must be at least 1, got {self.batch_size}")
+
+    def _check_preset(self, preset: str) -> None:
+        """A preset names a known prompt, replaces any system prompt, and reaches only the shipped tasks,
+        whose loaders build their prompts from it (lm-eval's own tasks would get their plain text)."""
+        from gift_merge.evaluate.tasks import SHIPPED_TASKS
+        from gift_merge.train.prompts import preset_template
+
+        if not isinstance(preset, str):
+            raise GiftMergeError(f"--prompt-preset: expected a preset name, got {preset!r}")
+        preset_template(preset, "--prompt-preset")
+        if self.system_prompt is not None:
+            raise GiftMergeError("--system-prompt: cannot be combined with --prompt-preset, whose prompt has its own")
+        others = [name for name in self.tasks if name not in SHIPPED_TASKS]
+        if others:
+            hint = did_you_mean(others[0], sorted(SHIPPED_TASKS))
+            raise GiftMergeError(
+                f"--prompt-preset: builds the prompts of the shipped gift_* tasks only, not of {others[0]!r}{hint} "
+                "(gift-merge eval --list-tasks)"
+            )
 
     @property
     def sampling_temperature(self) -> float | None:
@@ -78,15 +108,20 @@ class HarnessRun:
 
 
 @functools.lru_cache(maxsize=8)
-def task_manager(tasks: tuple[str, ...]) -> Any:
-    """lm-eval's index over the shipped tasks, and over lm-eval's own only if a task is not shipped."""
+def task_manager(tasks: tuple[str, ...], prompt_preset: str | None = None) -> Any:
+    """lm-eval's index over the shipped tasks, and over lm-eval's own only if a task is not shipped.
+
+    lm-eval hands a TaskManager's ``metadata`` to every task's dataset loader, which is how the shipped
+    tasks learn the prompt preset; a manager therefore serves one preset, and the cache keys on it.
+    """
     from lm_eval.tasks import TaskManager
 
     from gift_merge.evaluate.tasks import SHIPPED_TASKS, TASKS_DIR
 
     needs_defaults = any(name not in SHIPPED_TASKS for name in tasks)
+    metadata = {"prompt_preset": prompt_preset} if prompt_preset is not None else None
     with _quiet_lm_eval():
-        manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_defaults)
+        manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_defaults, metadata=metadata)
     known = set(manager.all_tasks) if hasattr(manager, "all_tasks") else None
     for name in tasks:
         if known is not None and name not in known:
@@ -95,16 +130,33 @@ def task_manager(tasks: tuple[str, ...]) -> Any:
     return manager
 
 
-def task_specs(options: EvalOptions) -> list[str | dict[str, Any]]:
-    """Task names, or inline overrides where ``--samples`` asks each prompt to be answered K times."""
-    if options.samples == 1:
+def task_specs(options: EvalOptions, manager: Any) -> list[Any]:
+    """Task names; with ``--samples K`` or a prompt preset, the loaded tasks with their settings changed.
+
+    lm-eval builds a task from an inline ``{"task": name, "repeats": K}`` as a new task rather than as an
+    override of the registered one, so the registered tasks are loaded and changed instead: ``repeats``
+    set to K, and with a preset a multiple-choice task's answer placed right after the prompt (no
+    ``target_delimiter`` space), as lm-eval does under a chat template, since the preset's prompt ends
+    where the assistant's turn begins.
+    """
+    if options.samples == 1 and options.prompt_preset is None:
         return list(options.tasks)
-    return [{"task": name, "repeats": options.samples} for name in options.tasks]
+    with _quiet_lm_eval():
+        loaded = manager.load(list(options.tasks))["tasks"]
+    for task in loaded.values():
+        if options.samples > 1:
+            task.set_config(key="repeats", value=options.samples)
+        if options.prompt_preset is not None and task.get_config("output_type") == "multiple_choice":
+            task.set_config(key="target_delimiter", value="")
+    return list(loaded.values())
 
 
-def generation_overrides(options: EvalOptions) -> dict[str, Any] | None:
-    """Generation settings that replace the tasks' own: sampling, and a cap on new tokens."""
+def generation_overrides(options: EvalOptions, stop: str | None = None) -> dict[str, Any] | None:
+    """Generation settings that replace the tasks' own: sampling, a cap on new tokens, and the text
+    generation stops at (lm-eval always stops at the tokenizer's EOS as well)."""
     overrides: dict[str, Any] = {}
+    if stop is not None:
+        overrides["until"] = [stop]
     temperature = options.sampling_temperature
     if temperature is not None:
         overrides.update(do_sample=True, temperature=temperature, top_p=1.0)
@@ -118,18 +170,26 @@ def run_harness(model: Any, tokenizer: Any, options: EvalOptions, *, device: str
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager(options.tasks)
+    manager = task_manager(options.tasks, options.prompt_preset)
+    if options.prompt_preset is not None:
+        stop = PRESET_TURN_ENDS.get(options.prompt_preset)
+        # The preset's text is the whole sequence, tokenised as training tokenised it: without special
+        # tokens, so the Llama preset's "<|begin_of_text|>" is the only BOS and the others get none.
+        special: dict[str, Any] = {"add_bos_token": False}
+    else:
+        stop = end_of_turn(tokenizer) if options.chat_template else None
+        special = {}
     with _quiet_lm_eval():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=device, **special)
         raw = lm_eval.simple_evaluate(
             model=lm,
-            tasks=task_specs(options),
+            tasks=task_specs(options, manager),
             task_manager=manager,
             num_fewshot=options.num_fewshot,
             limit=options.limit,
             apply_chat_template=options.chat_template,
             system_instruction=options.system_prompt,
-            gen_kwargs=generation_overrides(options),
+            gen_kwargs=generation_overrides(options, stop),
             random_seed=options.seed,
             numpy_random_seed=options.seed,
             torch_random_seed=options.seed,
@@ -141,6 +201,18 @@ def run_harness(model: Any, tokenizer: Any, options: EvalOptions, *, device: str
     return harness_run(raw)
 
 
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The token that ends a turn of the chat template, when it is not the EOS (ChatML's ``<|im_end|>``
+    in a tokenizer whose EOS is ``</s>``): an answer ends there, so generation stops there."""
+    from gift_merge.train.model import chat_end_token
+
+    try:
+        token = chat_end_token(tokenizer, "the model")
+    except GiftMergeError:
+        return None
+    return None if token == tokenizer.eos_token else token
+
+
 def harness_run(raw: dict[str, Any]) -> HarnessRun:
     """lm-eval's ``simple_evaluate`` output → :class:`HarnessRun`."""
     scores: dict[str, dict[str, float]] = {}
@@ -148,7 +220,9 @@ def harness_run(raw: dict[str, Any]) -> HarnessRun:
     for task, entries in raw["results"].items():
         scores[task], stderr[task] = flat_metrics(entries)
     counts = {task: int(n.get("effective", n.get("original", 0))) for task, n in raw.get("n-samples", {}).items()}
-    kept = {key: raw[key] for key in ("results", "configs", "versions", "n-shot", "n-samples") if key in raw}
+    kept: dict[str, Any] = {
+        key: raw[key] for key in ("results", "configs", "versions", "n-shot", "n-samples") if key in raw
+    }
     kept["lm_eval_version"] = raw.get("lm_eval_version")
     return HarnessRun(scores, stderr, counts, kept, dict(raw.get("samples", {})))
 
@@ -188,7 +262,7 @@ def _quiet_lm_eval() -> Iterator[None]:
     levels = [logger.level for logger in loggers]
     verbose = logging.getLogger().level <= logging.DEBUG
     recorder = lm_eval.evaluator.get_git_commit_hash
-    lm_eval.evaluator.get_git_commit_hash = lambda: None  # type: ignore[assignment]
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     for logger in loggers:
         logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
     try:
