@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from gift_merge.allocator import enable_huge_pages, one_blas_thread
-from gift_merge.cli_support import check_device, handle_errors
+from gift_merge.cli_support import check_device, handle_errors, terminate_like_interrupt
 from gift_merge.errors import GiftMergeError
 from gift_merge.evaluate.cli import eval_command
 from gift_merge.extract.cli import extract_lora_command
@@ -41,6 +41,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 
     if allow_pickle:
         os.environ["GIFT_MERGE_ALLOW_PICKLE"] = "1"  # read by io.reader wherever a checkpoint is opened
+    terminate_like_interrupt()
     ctx.ensure_object(dict)
     ctx.obj["quiet"] = quiet
     level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO

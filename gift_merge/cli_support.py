@@ -7,7 +7,9 @@ it directly, and ``gift_merge.cli`` can import them at the top.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -32,11 +34,28 @@ def handle_errors(func: F) -> F:
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except Terminated:
+            click.echo("terminated: no output was written", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted: no output was written", err=True)
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so every temporary folder is removed on the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def terminate_like_interrupt() -> None:
+    """Make SIGTERM (``kill``, a scheduler's timeout) unwind as Ctrl-C does: cleanup runs, exit code 143."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def check_device(device: str) -> str:

@@ -17,6 +17,7 @@ from gift_merge.architecture import detect_layout
 from gift_merge.errors import GiftMergeError
 from gift_merge.execute import execute_plan
 from gift_merge.io import artifacts
+from gift_merge.io.locks import output_lock
 from gift_merge.io.writer import atomic_output_folder, check_output_free
 from gift_merge.models import ModelInfo, ModelResolver
 from gift_merge.plan import MergePlan, plan_stage
@@ -97,17 +98,26 @@ def plan_recipe(recipe: Recipe, out: Path | None = None, intermediate: Path | No
 
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOptions | None = None) -> Path:
-    """Merge every stage of ``recipe``; return the final output folder."""
+    """Merge every stage of ``recipe``; return the final output folder.
+
+    The output folder is locked for the whole run, so a second run into it refuses at once.
+    """
     options = options or MergeOptions()
     destination = resolve_output(recipe, out)
-    if recipe.compare is not None:  # builds, evaluates and ranks arms; reruns reuse what is unchanged
-        from gift_merge.compare.run import run_compare
+    with output_lock(destination):
+        if recipe.compare is not None:  # builds, evaluates and ranks arms; reruns reuse what is unchanged
+            from gift_merge.compare.run import run_compare
 
-        plan_recipe(recipe, destination, options.intermediate_dir)  # every stage checked before any is built
-        return run_compare(recipe, destination, options)
-    check_output_free(destination, overwrite=options.overwrite)
-    plans = plan_recipe(recipe, destination, options.intermediate_dir)
-    _refuse_inputs_as_output(plans, destination)
+            plan_recipe(recipe, destination, options.intermediate_dir)  # every stage checked before any is built
+            return run_compare(recipe, destination, options)
+        check_output_free(destination, overwrite=options.overwrite)
+        plans = plan_recipe(recipe, destination, options.intermediate_dir)
+        _refuse_inputs_as_output(plans, destination)
+        _run_stages(recipe, destination, options)
+    return destination
+
+
+def _run_stages(recipe: Recipe, destination: Path, options: MergeOptions) -> None:
     folders = stage_folders(recipe, destination, options.intermediate_dir)
     resolver = stage_resolver(recipe, folders)
     rebuilt: set[str] = set()
@@ -120,7 +130,6 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOpti
             continue
         rebuilt.add(stage.name or "")
         build_stage(stage, target, folders, resolver, options, overwrite=options.overwrite or not final)
-    return destination
 
 
 def build_stage(
@@ -144,11 +153,29 @@ def build_stage(
 
 
 def _refuse_inputs_as_output(plans: list[StagePlan], destination: Path) -> None:
+    """The output may not be, contain, or lie inside any input: replacing it would destroy that input."""
+    destination = destination.resolve()
     for plan in plans:
-        models = [plan.base] if isinstance(plan, TrainPlan) else plan.models.values()
-        for model in models:
-            if not model.virtual and model.folder.resolve() == destination:
-                raise GiftMergeError(f"{destination}: the output folder is also input {model.label}")
+        for label, path in _input_paths(plan):
+            path = path.resolve()
+            if path == destination or destination in path.parents:
+                raise GiftMergeError(f"{destination}: the output folder is or contains input {label} ({path})")
+            if path in destination.parents:
+                raise GiftMergeError(f"{destination}: the output folder lies inside input {label} ({path})")
+
+
+def _input_paths(plan: StagePlan) -> list[tuple[str, Path]]:
+    """Every file and folder a stage reads that exists before the run (not earlier stages' outputs)."""
+    if isinstance(plan, TrainPlan):
+        paths = [] if plan.base.virtual else [(plan.base.label, plan.base.folder)]
+        return [*paths, (f"data {plan.stage.config.data}", Path(plan.stage.config.data))]
+    paths = []
+    for model in plan.models.values():
+        if not model.virtual:
+            paths.append((model.label, model.folder))
+        if model.adapter is not None and not model.virtual:
+            paths.append((f"adapter of {model.label}", model.adapter.folder))
+    return paths
 
 
 def stage_is_current(folder: Path, stage: Stage) -> bool:

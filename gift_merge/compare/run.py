@@ -14,10 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +33,13 @@ log = logging.getLogger("gift_merge")
 
 BUILD_RECORD = "gift-merge-build.json"
 HEADLINE_PREFERENCE = ("acc", "rougeL", "exact_match", "acc_norm")
-LOCK_NAME = ".gift-merge-compare.lock"
 
 
 def run_compare(recipe: Recipe, out: Path, options: MergeOptions) -> Path:
-    """Build, evaluate and rank the arms of ``recipe.compare``; return the results folder."""
+    """Build, evaluate and rank the arms of ``recipe.compare``; return the results folder.
+
+    The caller (:func:`gift_merge.merge.run_recipe`) holds the output folder's lock.
+    """
     spec = recipe.compare
     assert spec is not None
     from gift_merge.evaluate.harness import task_manager
@@ -48,13 +47,12 @@ def run_compare(recipe: Recipe, out: Path, options: MergeOptions) -> Path:
     task_manager(spec.tasks)  # unknown task names fail before anything is built
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        seeded = seeded_stages(recipe)
-        builds = _build_all(recipe, spec, out, options, seeded)
-        evaluations = _evaluate_all(recipe, spec, out, options, seeded, builds)
-        comparison = _comparison(recipe, spec, builds, evaluations, seeded)
-        comparison.meta["seconds_total"] = round(time.perf_counter() - started, 1)
-        written = _write_results(comparison, out)
+    seeded = seeded_stages(recipe)
+    builds = _build_all(recipe, spec, out, options, seeded)
+    evaluations = _evaluate_all(recipe, spec, out, options, seeded, builds)
+    comparison = _comparison(recipe, spec, builds, evaluations, seeded)
+    comparison.meta["seconds_total"] = round(time.perf_counter() - started, 1)
+    written = _write_results(comparison, out)
     from gift_merge.compare.report import terminal_table
 
     print(terminal_table(comparison))
@@ -327,42 +325,3 @@ def _write_results(comparison: Comparison, out: Path) -> dict[str, Any]:
     written: dict[str, Any] = {path.name: path for path in write_tables(comparison, out).values()}
     written["plots"] = write_plots(comparison, out)
     return written
-
-
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """One comparison at a time per output folder: a second run refuses at once, naming the holder."""
-    lock = out / LOCK_NAME
-    _acquire(lock)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _acquire(lock: Path) -> None:
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = lock.read_text().strip() if lock.is_file() else ""
-            if holder.isdigit() and not _alive(int(holder)):
-                lock.unlink(missing_ok=True)  # left by a process that no longer runs
-                continue
-            raise GiftMergeError(
-                f"{lock.parent}: another comparison (process {holder or '?'}) is writing here; wait for it"
-            ) from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        return
-    raise GiftMergeError(f"{lock}: cannot take the lock")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

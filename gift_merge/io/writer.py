@@ -9,6 +9,7 @@ completion order, and a shard is never held in RAM.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -21,8 +22,11 @@ import numpy as np
 
 from gift_merge.dtypes import DType, of
 from gift_merge.errors import GiftMergeError
+from gift_merge.io.locks import output_lock, remove_leftovers
 from gift_merge.io.reader import INDEX_NAME, SINGLE_NAME
 from gift_merge.lazy import torch
+
+log = logging.getLogger("gift_merge")
 
 
 @dataclass(frozen=True)
@@ -157,21 +161,24 @@ def atomic_output_folder(destination: Path, *, overwrite: bool) -> Iterator[Path
     folder at the destination always holds a complete merge.
     """
     destination = destination.resolve()
-    check_output_free(destination, overwrite=overwrite)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.parent / f".{destination.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
+    with output_lock(destination):
+        check_output_free(destination, overwrite=overwrite)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftovers(destination):
+            log.info("removed %s, left by a run that no longer exists", leftover)
+        tmp = destination.parent / f".{destination.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = destination.parent / f".{destination.name}.old-{os.getpid()}"
-    if destination.exists():
-        destination.rename(old)
-    tmp.rename(destination)
-    shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = destination.parent / f".{destination.name}.old-{os.getpid()}"
+        if destination.exists():
+            destination.rename(old)
+        tmp.rename(destination)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_output_free(destination: Path, *, overwrite: bool) -> None:

@@ -128,7 +128,7 @@ def test_a_second_comparison_into_the_same_folder_refuses(compared: tuple[Path, 
     out = recipe.parent / "results"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        (out / ".gift-merge-compare.lock").write_text(str(holder.pid))
+        (out.parent / ".results.lock").write_text(str(holder.pid))
         result = CliRunner().invoke(main, ["compare", str(recipe)])
         assert result.exit_code == 2
         assert f"process {holder.pid}" in result.output
@@ -137,4 +137,4 @@ def test_a_second_comparison_into_the_same_folder_refuses(compared: tuple[Path, 
         holder.wait()
     result = CliRunner().invoke(main, ["compare", str(recipe)])  # a dead holder's lock is taken over
     assert result.exit_code == 0, result.output
-    assert not (out / ".gift-merge-compare.lock").exists()
+    assert not (out.parent / ".results.lock").exists()
