@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gift_merge.architecture import detect_layout
 from gift_merge.errors import GiftMergeError
@@ -23,6 +24,7 @@ from gift_merge.models import ModelInfo, ModelResolver
 from gift_merge.plan import MergePlan, plan_stage
 from gift_merge.recipe.loader import stage_dependencies
 from gift_merge.recipe.schema import Recipe, Stage, TrainStage
+from gift_merge.reuse import input_fingerprint, record_inputs, stage_is_reusable
 from gift_merge.train.output import PROVENANCE_NAME
 from gift_merge.train.stage import TrainPlan, plan_training, run_training, training_is_current
 
@@ -125,11 +127,13 @@ def _run_stages(recipe: Recipe, destination: Path, options: MergeOptions) -> Non
         final = stage is recipe.final
         target = destination if final else folders[stage.name or ""]
         fresh_inputs = not (stage_dependencies(stage) & rebuilt)
-        if not final and fresh_inputs and stage_is_current(target, stage):
+        fingerprint = input_fingerprint(stage, folders, recipe.folder)
+        if not final and fresh_inputs and stage_is_current(target, stage, fingerprint):
             log.info("stage %s: up to date in %s", stage.name, target)
             continue
         rebuilt.add(stage.name or "")
         build_stage(stage, target, folders, resolver, options, overwrite=options.overwrite or not final)
+        record_inputs(target, fingerprint)
 
 
 def build_stage(
@@ -178,10 +182,11 @@ def _input_paths(plan: StagePlan) -> list[tuple[str, Path]]:
     return paths
 
 
-def stage_is_current(folder: Path, stage: Stage) -> bool:
-    if isinstance(stage, TrainStage):
-        return training_is_current(folder, stage)
-    return artifacts.made_by_stage_text(folder, stage.text, "config.json")
+def stage_is_current(folder: Path, stage: Stage, fingerprint: dict[str, Any]) -> bool:
+    """Built from this stage text and these inputs (``fingerprint``: :func:`~gift_merge.reuse.input_fingerprint`)."""
+    if isinstance(stage, TrainStage) and not training_is_current(folder, stage):
+        return False
+    return stage_is_reusable(folder, stage, fingerprint)
 
 
 def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, overwrite: bool, label: str) -> None:

@@ -28,6 +28,7 @@ from gift_merge.merge import MergeOptions, build_stage, stage_folders, stage_is_
 from gift_merge.operators import get_operator
 from gift_merge.recipe.loader import stage_dependencies
 from gift_merge.recipe.schema import MergeStage, Recipe, Stage, TrainStage
+from gift_merge.reuse import input_fingerprint, record_inputs
 
 log = logging.getLogger("gift_merge")
 
@@ -110,7 +111,8 @@ def _build_all(recipe: Recipe, spec: CompareSpec, out: Path, options: MergeOptio
             stage = seeded_stage(stage, seed)
             target = folders[name]
             label = f"{name} (seed {seed})" if name in seeded else name
-            if not (stage_dependencies(stage) & rebuilt) and stage_is_current(target, stage):
+            fingerprint = input_fingerprint(stage, folders, recipe.folder)
+            if not (stage_dependencies(stage) & rebuilt) and stage_is_current(target, stage, fingerprint):
                 log.info("compare: stage %s is up to date in %s", label, target)
                 builds[(name, seed)] = {**_read_build_record(target), "rebuilt": False}
                 continue
@@ -119,6 +121,7 @@ def _build_all(recipe: Recipe, spec: CompareSpec, out: Path, options: MergeOptio
                 build_stage(stage, target, folders, resolver, seed_options, overwrite=True)
             record = {"seconds": round(measurement.seconds, 3), "peak_rss_bytes": measurement.peak_rss_bytes}
             (target / BUILD_RECORD).write_text(json.dumps(record) + "\n")
+            record_inputs(target, fingerprint)
             builds[(name, seed)] = {**record, "rebuilt": True}
             rebuilt.add(name)
             log.info("compare: built %s in %.1f s", label, measurement.seconds)

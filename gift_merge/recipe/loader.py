@@ -39,9 +39,16 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; relative model paths resolve against its folder."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise GiftMergeError(f"{path}: cannot read recipe ({exc.strerror})") from exc
+        raise GiftMergeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from exc
+    try:
+        # YAML is UTF-8 whatever the locale says; a stray Latin-1 byte is named, not guessed around
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        byte = f"byte 0x{raw[exc.start]:02x} at offset {exc.start}, line {line}"
+        raise GiftMergeError(f"{path}: not UTF-8 ({byte}); save the recipe as UTF-8") from None
     return parse_recipe(text, folder=path.resolve().parent, source=path)
 
 
@@ -337,10 +344,11 @@ def _order_stages(stages: list[Stage], label: str) -> list[Stage]:
 
 def stage_dependencies(stage: Stage) -> set[str]:
     """Names of the earlier stages whose outputs ``stage`` reads."""
-    return {r.stage for r in _refs(stage) if r.stage}
+    return {r.stage for r in stage_references(stage) if r.stage}
 
 
-def _refs(stage: Stage) -> list[ModelRef]:
+def stage_references(stage: Stage) -> list[ModelRef]:
+    """Every model reference the stage reads: models, bases, tokenizer source, slices' sources."""
     if isinstance(stage, TrainStage):
         return [r for r in (stage.base, stage.instruct) if r is not None]
     refs = [stage.base_model, stage.tokenizer_source]
