@@ -18,6 +18,7 @@ from gift_merge.architecture import detect_layout
 from gift_merge.errors import GiftMergeError
 from gift_merge.execute import execute_plan
 from gift_merge.io import artifacts
+from gift_merge.io.finite import NonFinite
 from gift_merge.io.locks import output_lock
 from gift_merge.io.writer import atomic_output_folder, check_output_free
 from gift_merge.models import ModelInfo, ModelResolver
@@ -42,6 +43,7 @@ class MergeOptions:
     workers: int | None = None
     intermediate_dir: Path | None = None
     engine: str = "auto"
+    strict: bool = False  # non-finite output values are an error, not a warning
 
 
 def resolve_output(recipe: Recipe, out: str | Path | None) -> Path:
@@ -192,7 +194,7 @@ def stage_is_current(folder: Path, stage: Stage, fingerprint: dict[str, Any]) ->
 def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, overwrite: bool, label: str) -> None:
     reference = plan.models[plan.reference]
     with atomic_output_folder(destination, overwrite=overwrite) as tmp:
-        execute_plan(
+        writer = execute_plan(
             plan,
             tmp,
             max_shard_bytes=options.max_shard_bytes,
@@ -203,6 +205,7 @@ def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, o
             label=label,
             engine=options.engine,
         )
+        _report_nonfinite(writer.nonfinite, plan, strict=options.strict)
         artifacts.write_json(tmp / "config.json", plan.config)
         artifacts.copy_generation_config(reference.folder, tmp)
         artifacts.copy_tokenizer(plan.models[plan.tokenizer_model].folder, tmp)
@@ -218,6 +221,22 @@ def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, o
             recipe_text=stage.text,
             trained=_training_records(plan),
         )
+
+
+def _report_nonfinite(found: dict[str, NonFinite], plan: MergePlan, *, strict: bool) -> None:
+    """Warn about (with ``strict``: refuse) output tensors holding NaN or ±inf, naming them and the count."""
+    if not found:
+        return
+    dtypes = {j.name: j.out_dtype for j in plan.jobs}
+    lines = [f"tensor {name}: {counts} in the output ({dtypes[name]})" for name, counts in sorted(found.items())]
+    why = "an input tensor holds non-finite values, or the result overflows the output dtype"
+    if strict:
+        more = f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else ""
+        raise GiftMergeError(f"{lines[0]}{more}: {why}; nothing was written (--strict)")
+    for line in lines[:5]:
+        log.warning("%s: %s", line, why)
+    if len(lines) > 5:
+        log.warning("%d more output tensors hold non-finite values", len(lines) - 5)
 
 
 def _training_records(plan: MergePlan) -> dict[str, dict]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from gift_merge.dtypes import DType, of
 from gift_merge.errors import GiftMergeError
+from gift_merge.io.finite import NonFinite, count_nonfinite
 from gift_merge.io.locks import output_lock, remove_leftovers
 from gift_merge.io.reader import INDEX_NAME, SINGLE_NAME
 from gift_merge.lazy import torch
@@ -97,6 +98,7 @@ class ShardedWriter:
         self._fds: dict[str, int] = {}
         self._pending = set(names)
         self._lock = threading.Lock()
+        self.nonfinite: dict[str, NonFinite] = {}  # tensors written with NaN or ±inf
         for file, group in zip(self.files, groups, strict=True):
             head, starts = _header_bytes(group)
             fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -125,12 +127,15 @@ class ShardedWriter:
                 f"tensor {name}: computed {tuple(tensor.shape)} {tensor.dtype}, "
                 f"planned {expected.shape} {expected.dtype}"
             )
+        counts = count_nonfinite(data, expected.dtype)
         written = 0
         view = memoryview(data)  # type: ignore[arg-type]  # numpy arrays are buffers
         while written < len(view):
             written += os.pwrite(self._fds[slot.file], view[written:], slot.offset + written)
         with self._lock:
             self._pending.discard(name)
+            if counts is not None:
+                self.nonfinite[name] = counts
 
     def close(self) -> None:
         """Close the shards and write the index; refuses if any planned tensor is missing."""
