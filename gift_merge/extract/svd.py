@@ -14,11 +14,13 @@ optimal energy to about 1e-4. Deltas whose spectrum decays too slowly to converg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from gift_merge.errors import GiftMergeError
 from gift_merge.operators.base import seed_for
 
 SvdMethod = Literal["auto", "full", "randomized"]
@@ -82,6 +84,10 @@ def truncated_svd(
     delta = delta.to(torch.float32)  # fp32: bf16 arithmetic would lose the small singular values
     m, n = delta.shape
     total = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+    if not math.isfinite(total):
+        bad = int((~torch.isfinite(delta)).sum())
+        if bad:  # an SVD of NaN or ±inf fails deep inside LAPACK; say where the bad values are instead
+            raise GiftMergeError(f"{name}: the delta holds {bad} NaN or ±inf values; the base or the tuned weights do")
     if total == 0.0:
         empty = delta.new_zeros((0, n)), delta.new_zeros((m, 0))
         return LowRankDelta(empty[0], empty[1], 0.0, 0.0, "zero")

@@ -199,6 +199,11 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
         optimizer.zero_grad(set_to_none=True)
 
         loss_all, tokens_all = distributed.sum_over_ranks([float(loss_sum), float(tokens)], ranks, device)
+        if not math.isfinite(loss_all):
+            raise GiftMergeError(
+                f"step {step + 1}: the loss is {loss_all / count}; the base model's weights or the data's scores "
+                "hold NaN or ±inf (gift-merge run --strict on a copy merge names the tensors)"
+            )
         elapsed = time.perf_counter() - started
         record = {
             "step": step + 1,
