@@ -34,6 +34,12 @@ def handle_errors(func: F) -> F:
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:
+            if debug:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(2)
         except Terminated:
             click.echo("terminated: no output was written", err=True)
             sys.exit(143)

@@ -117,3 +117,37 @@ def test_sigterm_removes_the_temporary_folder(
     assert result.exit_code == 143
     assert "terminated: no output was written" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.yaml"]
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(
+    tmp_path: Path, llama: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import gift_merge.io.writer as writer
+
+    def full(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer.os, "pwrite", full)
+    result = _run(str(_recipe(tmp_path, llama)), str(tmp_path / "out"))
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and ".safetensors" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.yaml"]
+
+
+def test_an_unreadable_file_is_one_line(
+    tmp_path: Path, llama: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from gift_merge import merge
+
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "secret.safetensors"))
+
+    monkeypatch.setattr(merge, "execute_plan", unreadable)
+    result = _run(str(_recipe(tmp_path, llama)), str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {tmp_path / 'secret.safetensors'}: Permission denied"

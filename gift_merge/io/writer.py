@@ -101,10 +101,14 @@ class ShardedWriter:
         self.nonfinite: dict[str, NonFinite] = {}  # tensors written with NaN or ±inf
         for file, group in zip(self.files, groups, strict=True):
             head, starts = _header_bytes(group)
-            fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds[file] = fd
-            os.pwrite(fd, head, 0)
-            os.ftruncate(fd, len(head) + sum(t.nbytes for t in group))
+            try:
+                fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds[file] = fd
+                os.pwrite(fd, head, 0)
+                os.ftruncate(fd, len(head) + sum(t.nbytes for t in group))
+            except OSError as exc:
+                self.abort()
+                raise GiftMergeError(f"{folder / file}: cannot write the shard's header ({exc.strerror})") from exc
             for t, start in zip(group, starts, strict=True):
                 self._slots[t.name] = _Slot(file, len(head) + start, t)
         self.total_size = sum(t.nbytes for t in tensors)
@@ -130,8 +134,11 @@ class ShardedWriter:
         counts = count_nonfinite(data, expected.dtype)
         written = 0
         view = memoryview(data)  # type: ignore[arg-type]  # numpy arrays are buffers
-        while written < len(view):
-            written += os.pwrite(self._fds[slot.file], view[written:], slot.offset + written)
+        try:
+            while written < len(view):
+                written += os.pwrite(self._fds[slot.file], view[written:], slot.offset + written)
+        except OSError as exc:  # disk full, quota, I/O error: name the file and the tensor
+            raise GiftMergeError(f"{self.folder / slot.file}: cannot write tensor {name} ({exc.strerror})") from exc
         with self._lock:
             self._pending.discard(name)
             if counts is not None:
