@@ -32,13 +32,13 @@ def handle_errors(func: F) -> F:
         except GiftMergeError as exc:
             if debug:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(str(exc))}", err=True)
             sys.exit(2)
         except OSError as exc:
             if debug:
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            click.echo(f"error: {one_line(f'{where}{exc.strerror or exc}')}", err=True)
             sys.exit(2)
         except Terminated:
             click.echo("terminated: no output was written", err=True)
@@ -48,6 +48,12 @@ def handle_errors(func: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def one_line(message: str) -> str:
+    """The message with line breaks and other control characters escaped (a tensor name or a YAML key can
+    hold them), so an error is always exactly one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
 class Terminated(KeyboardInterrupt):

@@ -61,7 +61,8 @@ def parse_recipe(text: str, *, folder: Path | None = None, source: Path | None =
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise GiftMergeError(f"{label}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's text spans lines
+        raise GiftMergeError(f"{label}: invalid YAML{at}: {problem}") from exc
     if not documents:
         raise GiftMergeError(f"{label}: empty recipe")
     from gift_merge.compare.spec import is_compare_document
