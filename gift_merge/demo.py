@@ -62,7 +62,7 @@ def main(root: Path | None = None) -> int:
     print("\nload it like any transformers model:")
     print("  from transformers import AutoModelForCausalLM")
     print(f"  model = AutoModelForCausalLM.from_pretrained({str(out)!r})")
-    print("\nnext:")
+    print("\nnext (`source .venv/bin/activate` puts gift-merge on the PATH, or call .venv/bin/gift-merge):")
     print("  gift-merge plan recipes/quickstart.yaml        # every output tensor, its inputs and parameters")
     print(
         "  gift-merge run recipes/gift-transfer.yaml      # add a LoRA adapter to the instruct model (GIFT's last step)"
