@@ -17,6 +17,7 @@ from gift_merge.cli_support import check_device, handle_errors, terminate_like_i
 from gift_merge.errors import GiftMergeError
 from gift_merge.evaluate.cli import eval_command
 from gift_merge.extract.cli import extract_lora_command
+from gift_merge.io.sizes import UNITS_HELP
 from gift_merge.train.commands import annotate as annotate_command
 from gift_merge.train.commands import train as train_command
 
@@ -52,7 +53,8 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda, cuda:1 …")
-@click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard (500MB, 5GB …).")
+@click.option("--out-shard-size", default="5GB", show_default=True,
+              help=f"Largest output shard, a number and a unit (500MB, 5GB, 1.5GiB). Units: {UNITS_HELP}.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random methods (DARE, DELLA).")
 @click.option("--workers", type=int, default=None, help="Tensors processed concurrently [default: cores, 2..8].")
@@ -61,11 +63,12 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
               help="numpy: the CPU path without torch (same bytes), all methods but della, nuslerp, multislerp, "
                    "karcher and sce; torch: everything; auto: numpy where the whole merge allows it.")  # fmt: skip
+@click.option("--strict", is_flag=True, help="Fail (write nothing) when an output tensor holds NaN or ±inf.")
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar or info messages (warnings stay).")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_shard_size: str, overwrite: bool,
-        seed: int, workers: int | None, intermediate_dir: Path | None, engine: str,
+        seed: int, workers: int | None, intermediate_dir: Path | None, engine: str, strict: bool,
         quiet_here: bool) -> None:  # fmt: skip
     """Merge the models in RECIPE into OUT (or the recipe's `output:`)."""
     from gift_merge.allocator import reuse_large_buffers
@@ -81,12 +84,13 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
     options = MergeOptions(
         device=check_device(device),
         seed=seed,
-        max_shard_bytes=parse_size(out_shard_size),
+        max_shard_bytes=parse_size(out_shard_size, "--out-shard-size"),
         overwrite=overwrite,
         quiet=quiet,
         workers=workers,
         intermediate_dir=intermediate_dir,
         engine=engine,
+        strict=strict,
     )
     loaded = load_recipe(recipe)
     destination = run_recipe(loaded, out, options)

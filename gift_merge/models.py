@@ -54,7 +54,15 @@ def read_config(folder: Path, *, strict: bool = True) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        if not strict:
+            return {}
+        raise GiftMergeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        if not strict:
+            return {}
+        raise GiftMergeError(f"{path}: not UTF-8 (byte {exc.start})") from None
     except ValueError as exc:
         if not strict:
             return {}
@@ -64,6 +72,30 @@ def read_config(folder: Path, *, strict: bool = True) -> dict[str, Any]:
             return {}
         raise GiftMergeError(f"{path}: expected a JSON object")
     return config
+
+
+def require_output_config(model: ModelInfo, *, from_base: bool) -> None:
+    """Refuse a config the merged model cannot be loaded from; the merged model's ``config.json`` is this one.
+
+    The output's config is the reference model's (the ``base_model``, else the first model or slice
+    source), as in mergekit, so that model needs a ``config.json`` transformers can load: a JSON object
+    with a ``model_type`` (``AutoConfig`` refuses one without). The other inputs may lack one: their
+    layers are found from their tensor names. ``from_base`` says which rule chose ``model``, for the fix.
+    """
+    if not model.virtual and not (model.folder / "config.json").is_file():
+        problem = "no config.json"
+    elif not model.config:
+        problem = "config.json is empty"
+    elif not isinstance(model.config.get("model_type"), str) or not model.config["model_type"]:
+        problem = "config.json has no model_type"
+    else:
+        return
+    if from_base:
+        fix = "it is the base_model, so copy in the config.json of the model it was made from"
+    else:
+        fix = "it is the first model (there is no base_model), so list a model with a config.json first or copy one in"
+    where = model.label if model.virtual else str(model.folder)
+    raise GiftMergeError(f"{where}: {problem}; the merged model's config.json is copied from it, and {fix}")
 
 
 def model_info_from_folder(folder: Path, label: str) -> ModelInfo:

@@ -15,7 +15,7 @@ from typing import Any
 from gift_merge.architecture import is_pre_weight, is_vocab_tensor
 from gift_merge.dtypes import FLOAT32, FLOAT64, DType, dtype_name, parse_dtype
 from gift_merge.errors import GiftMergeError
-from gift_merge.models import ModelInfo, ModelResolver
+from gift_merge.models import ModelInfo, ModelResolver, require_output_config
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import Operator, Param
 from gift_merge.recipe.schema import InputModel, MergeStage, ModelRef
@@ -113,6 +113,7 @@ def plan_stage(stage: MergeStage, resolver: ModelResolver) -> MergePlan:
     base_label = info(stage.base_model).label if stage.base_model else None
     slices = _normalise_slices(stage, op, info, base_label)
     reference = base_label or slices[0].primary.label
+    require_output_config(models[reference], from_base=base_label is not None)
     planner = _Planner(stage, op, models, slices)
     jobs = planner.jobs()
     tokenizer = info(stage.tokenizer_source).label if stage.tokenizer_source else reference

@@ -83,19 +83,18 @@ def test_missing_required_weight(tmp_path: Path, llama: dict[str, Path]) -> None
     assert "'weight' is required" in result.output
 
 
-def test_validate_and_plan_read_no_tensor_data(tmp_path: Path, llama: dict[str, Path]) -> None:
-    broken = corrupted_copy(llama["code"], tmp_path / "broken")
-    fam = {**llama, "code": broken}
-    recipe = write(tmp_path, TIES, fam)
-    assert invoke("validate", str(recipe)).exit_code == 0
-    planned = invoke("plan", str(recipe))
+def test_truncated_shard_fails_every_command_before_output(tmp_path: Path, llama: dict[str, Path]) -> None:
+    planned = invoke("plan", str(write(tmp_path, TIES, llama, "intact.yaml")))
     assert planned.exit_code == 0
     assert "model.layers.2.mlp.down_proj.weight  ties" in planned.output
-    # …while running it fails on the unreadable shard, names the file, and leaves no output behind
-    result = invoke("run", str(recipe), str(tmp_path / "out"), "-q")
-    assert result.exit_code == 2
-    assert "broken" in result.output and "cannot read tensor" in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "r.yaml"]
+    # a shard that lost its tensor bytes is refused when opened, from its header and size alone
+    broken = corrupted_copy(llama["code"], tmp_path / "broken")
+    recipe = write(tmp_path, TIES, {**llama, "code": broken})
+    for args in (["validate", str(recipe)], ["plan", str(recipe)], ["run", str(recipe), str(tmp_path / "out"), "-q"]):
+        result = invoke(*args)
+        assert result.exit_code == 2
+        assert "broken" in result.output and "truncated" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "intact.yaml", "r.yaml"]
 
 
 def test_existing_output_is_refused_then_replaced(tmp_path: Path, llama: dict[str, Path]) -> None:

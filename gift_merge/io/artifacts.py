@@ -24,32 +24,52 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def _copy(source: Path, target: Path) -> None:
+    """One input file into the output; an unreadable input is the user's to fix, named in one line."""
+    try:
+        shutil.copyfile(source, target)
+    except OSError as exc:
+        raise GiftMergeError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise GiftMergeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise GiftMergeError(f"{path}: not UTF-8 (byte {exc.start})") from None
+
+
 def copy_generation_config(source: Path, out: Path) -> None:
     if (source / "generation_config.json").is_file():
-        shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
+        _copy(source / "generation_config.json", out / "generation_config.json")
 
 
 def copy_tokenizer(source: Path, out: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
+            _copy(source / name, out / name)
             copied.append(name)
-    copied += [p.name for p in source.glob("*.tiktoken") if shutil.copyfile(p, out / p.name)]
+    for path in sorted(source.glob("*.tiktoken")):
+        _copy(path, out / path.name)
+        copied.append(path.name)
     return copied
 
 
 def read_chat_template(folder: Path) -> str | None:
     """A model's chat template, wherever transformers may have saved it."""
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
+        return _read_text(folder / "chat_template.jinja")
     for name, key in (("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
         path = folder / name
         if path.is_file():
             try:
-                value = json.loads(path.read_text()).get(key)
+                document = json.loads(_read_text(path))
             except ValueError:
                 continue
+            value = document.get(key) if isinstance(document, dict) else None
             if isinstance(value, str):
                 return value
     return None
@@ -67,8 +87,11 @@ def set_chat_template(out: Path, setting: str, input_folders: Iterable[Path]) ->
     (out / "chat_template.json").unlink(missing_ok=True)
     config_path = out / "tokenizer_config.json"
     if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        if config.pop("chat_template", None) is not None:
+        try:
+            config = json.loads(_read_text(config_path))
+        except ValueError as exc:
+            raise GiftMergeError(f"{config_path}: invalid JSON ({exc})") from None
+        if isinstance(config, dict) and config.pop("chat_template", None) is not None:
             write_json(config_path, config)
     (out / "chat_template.jinja").write_text(template)
 

@@ -53,8 +53,16 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """:func:`read_jsonl` one row at a time (a check of the first row need not read the file)."""
     path = Path(path)
     try:
-        with path.open(encoding="utf-8") as handle:
-            for number, text in enumerate(handle, start=1):
+        # bytes, decoded line by line, so that a non-UTF-8 byte is reported at its offset in the file
+        with path.open("rb") as handle:
+            offset = 0
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    where = f"byte 0x{raw[exc.start]:02x} at offset {offset + exc.start}"
+                    raise GiftMergeError(f"{path}:{number}: not UTF-8 ({where}); JSON Lines files are UTF-8") from None
+                offset += len(raw)
                 if not text.strip():
                     continue
                 try:
@@ -64,8 +72,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 if not isinstance(row, dict):
                     raise GiftMergeError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
                 yield number, row
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GiftMergeError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
+    except OSError as exc:
+        raise GiftMergeError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
 def file_sha256(path: str | Path) -> str:
