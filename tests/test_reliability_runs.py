@@ -151,3 +151,11 @@ def test_an_unreadable_file_is_one_line(
     result = _run(str(_recipe(tmp_path, llama)), str(tmp_path / "out"))
     assert result.exit_code == 2
     assert result.output.strip() == f"error: {tmp_path / 'secret.safetensors'}: Permission denied"
+
+
+def test_a_non_utf8_train_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"train:\n  base: caf\xe9\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {config}: not UTF-8 (byte at offset 17); save the file as UTF-8"

@@ -310,11 +310,14 @@ def load_train_section(path: str | Path) -> tuple[dict[str, Any], Path]:
     """The ``train:`` mapping of a YAML file and the folder its relative paths resolve against."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise GiftMergeError(f"{path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise GiftMergeError(f"{path}: not UTF-8 (byte at offset {exc.start}); save the file as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise GiftMergeError(f"{path}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise GiftMergeError(f"{path}: invalid YAML: {problem}") from exc
     section = document.get("train") if isinstance(document, dict) else None
     if not isinstance(section, dict):
         raise GiftMergeError(f"{path}: expected a mapping with a `train:` section")
