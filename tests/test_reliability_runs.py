@@ -158,4 +158,4 @@ def test_a_non_utf8_train_config_is_one_line(tmp_path: Path) -> None:
     config.write_bytes(b"train:\n  base: caf\xe9\n")
     result = CliRunner().invoke(main, ["train", "--config", str(config)])
     assert result.exit_code == 2
-    assert result.output.strip() == f"error: {config}: not UTF-8 (byte at offset 16); save the file as UTF-8"
+    assert result.output.strip() == f"error: {config}: not UTF-8 (byte at offset 18); save the file as UTF-8"
