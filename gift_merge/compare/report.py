@@ -176,17 +176,21 @@ def markdown(comparison: Comparison) -> str:
         label = metric_label(metric, comparison.samples)
         named = f"`{label}`" if label == metric else f"`{label}` (`{metric}`)"
         lines.append(f"- `{task}`{_role(comparison, task)}: {named}")
-    lines += [
-        "",
-        "## Ranking",
-        "",
-        f"By the mean of the headline scores over the {_count(len(comparison.tasks), 'task')}:",
-        "",
-    ]
-    for place, (name, mean) in enumerate(comparison.ranking(), start=1):
-        note = _coverage(comparison, name)
-        note = f" (scored on {note} tasks)" if note else ""
-        lines.append(f"{place}. {name} — {DASH if math.isnan(mean) else _x100(mean)}{note}")
+    if comparison.gates:
+        lines += ["", "## Sanity gates", ""]
+        lines += [
+            f"- {'pass' if g.passed else '**FAIL**'}: {g.describe()}{' — ' + g.why if g.why else ''}"
+            for g in comparison.gates
+        ]
+    lines += ["", "## Ranking", ""]
+    if comparison.failed_gates:
+        lines += ["Withheld: a sanity gate failed (above), so the scores do not compare what they claim to."]
+    else:
+        lines += [f"By the mean of the headline scores over the {_count(len(comparison.tasks), 'task')}:", ""]
+        for place, (name, mean) in enumerate(comparison.ranking(), start=1):
+            note = _coverage(comparison, name)
+            note = f" (scored on {note} tasks)" if note else ""
+            lines.append(f"{place}. {name} — {DASH if math.isnan(mean) else _x100(mean)}{note}")
     if any(len(comparison.metrics(t)) > 1 for t in comparison.tasks):
         lines += ["", "## All metrics", "", *_all_metrics_table(comparison)]
     settings = [f"- {key}: {_setting(value)}" for key, value in comparison.meta.items() if value is not None]
@@ -316,6 +320,15 @@ def terminal_table(comparison: Comparison) -> str:
     if n_gates:
         out += ["sanity checks (not ranked):", *(line(row) for row in rows[:n_gates]), rule]
     out += [line(row) for row in rows[n_gates:]]
+    if comparison.gates:
+        out += ["", "sanity gates:"]
+        out += [
+            f"  {'pass' if g.passed else 'FAIL'}  {g.describe()}{' — ' + g.why if g.why else ''}"
+            for g in comparison.gates
+        ]
+    if comparison.failed_gates:
+        out += ["", "ranking withheld: a sanity gate failed, so the scores do not compare what they claim to"]
+        return "\n".join(out)
     ranking = [
         f"{place}. {name} {DASH if math.isnan(mean) else _x100(mean)}"
         + (f" ({_coverage(comparison, name)} tasks)" if _coverage(comparison, name) else "")

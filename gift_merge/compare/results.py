@@ -58,6 +58,42 @@ class ArmRecord:
     gate: bool = False  # a sanity-check row, shown apart from the ranking
 
 
+@dataclass(frozen=True)
+class Gate:
+    """A condition an arm's mean score must meet before a ranking means anything (``gates:`` in a recipe).
+
+    For example: an SFT adapter trained on the base and transferred into the instruct model must keep the
+    answer format; if even that fails, the family or the settings are broken, and no ranking is shown.
+    """
+
+    arm: str
+    task: str
+    metric: str
+    minimum: float | None = None
+    maximum: float | None = None
+    why: str = ""
+    value: float | None = None  # the arm's mean over seeds; None when it was not scored
+
+    @property
+    def passed(self) -> bool:
+        if self.value is None or math.isnan(self.value):
+            return False
+        low_ok = self.minimum is None or self.value >= self.minimum
+        return low_ok and (self.maximum is None or self.value <= self.maximum)
+
+    def describe(self) -> str:
+        bounds = " and ".join(
+            text
+            for text in (
+                f"≥ {self.minimum:g}" if self.minimum is not None else "",
+                f"≤ {self.maximum:g}" if self.maximum is not None else "",
+            )
+            if text
+        )
+        shown = "not scored" if self.value is None or math.isnan(self.value) else f"{self.value:.3f}"
+        return f"{self.arm} {self.task} {self.metric} = {shown} (needs {bounds})"
+
+
 @dataclass
 class Comparison:
     """Everything a compare run produced; the tables, plots and the results.json cache are all built from it."""
@@ -71,6 +107,11 @@ class Comparison:
     target_task: str | None = None  # what the fine-tune targets: y axis of the Pareto plot
     samples: int = 1  # K of --samples; see metric_label
     meta: dict[str, object] = field(default_factory=dict)  # settings recorded in results.json; JSON values only
+    gates: list[Gate] = field(default_factory=list)  # sanity conditions; a failed one withholds the ranking
+
+    @property
+    def failed_gates(self) -> list[Gate]:
+        return [gate for gate in self.gates if not gate.passed]
 
     def validate(self) -> None:
         """Raise ValueError when the names do not fit together; the writers call this before writing anything."""
@@ -167,6 +208,7 @@ class Comparison:
             "target_task": self.target_task,
             "samples": self.samples,
             "meta": dict(self.meta),
+            "gates": [asdict(gate) for gate in self.gates],
         }
 
     @classmethod
@@ -181,6 +223,7 @@ class Comparison:
             target_task=data.get("target_task"),
             samples=int(data.get("samples", 1)),
             meta=dict(data.get("meta", {})),
+            gates=[Gate(**gate) for gate in data.get("gates", [])],
         )
 
     def dumps(self) -> str:

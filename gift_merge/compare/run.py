@@ -287,7 +287,7 @@ def _comparison(
                 gate=arm.gate,
             )
         )
-    return Comparison(
+    comparison = Comparison(
         arms=arms,
         scores=scores,
         tasks=list(spec.tasks),
@@ -304,6 +304,10 @@ def _comparison(
             "stages": {f"{name}@seed-{seed}": b for (name, seed), b in sorted(builds.items())},
         },
     )
+    comparison.gates = [
+        dataclasses.replace(gate, value=comparison.summary(gate.arm, gate.task, gate.metric)[0]) for gate in spec.gates
+    ]
+    return comparison
 
 
 def _build_cost(recipe: Recipe, arm: ArmSpec, spec: CompareSpec, builds: BuildTable) -> tuple[float | None, int | None]:

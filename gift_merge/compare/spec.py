@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from gift_merge.compare.results import Gate
 from gift_merge.errors import GiftMergeError
 from gift_merge.evaluate.harness import EvalOptions
 from gift_merge.recipe.schema import ModelRef
@@ -27,8 +28,9 @@ from gift_merge.suggest import did_you_mean
 
 DOCUMENT_KEYS = ("compare", "output")
 SECTION_KEYS = (
-    "arms", "baselines", "tasks", "seeds", "reference", "metrics", "target_task", "retention_task", "eval",
+    "arms", "baselines", "tasks", "seeds", "reference", "metrics", "target_task", "retention_task", "eval", "gates",
 )  # fmt: skip
+GATE_KEYS = ("arm", "task", "metric", "min", "max", "why")
 EVAL_KEYS = (
     "limit", "batch_size", "num_fewshot", "samples", "temperature", "max_new_tokens", "chat_template",
     "system_prompt", "prompt_preset", "device", "dtype",
@@ -63,6 +65,7 @@ class CompareSpec:
     retention_task: str | None = None
     output: str | None = None
     where: str = "compare"
+    gates: tuple[Gate, ...] = ()
 
     def arm(self, name: str) -> ArmSpec:
         return next(a for a in self.arms if a.name == name)
@@ -129,6 +132,7 @@ def parse_compare(doc: Mapping[str, Any], where: str, stage_names: set[str]) -> 
         if task is not None and task not in tasks:
             raise GiftMergeError(f"{where}.{key}: {task!r} is not one of the tasks")
     evaluation, device, dtype = _parse_eval(section.get("eval") or {}, f"{where}.eval", tasks)
+    gates = _parse_gates(section.get("gates") or [], f"{where}.gates", names, tasks)
     spec = CompareSpec(
         arms=tuple(arms),
         tasks=tasks,
@@ -142,8 +146,41 @@ def parse_compare(doc: Mapping[str, Any], where: str, stage_names: set[str]) -> 
         retention_task=retention if retention != target else None,
         output=str(doc["output"]) if doc.get("output") is not None else None,
         where=where,
+        gates=gates,
     )
     return spec, extra
+
+
+def _parse_gates(raw: Any, where: str, arms: list[str], tasks: tuple[str, ...]) -> tuple[Gate, ...]:
+    """``gates: [{arm, task, metric, min, max, why}]``: conditions the ranking depends on."""
+    if not isinstance(raw, list):
+        raise GiftMergeError(f"{where}: expected a list of {{arm, task, metric, min/max, why}}")
+    gates = []
+    for i, entry in enumerate(raw):
+        at = f"{where}[{i}]"
+        _check_keys(entry, GATE_KEYS, at)
+        if entry.get("arm") not in arms:
+            raise GiftMergeError(
+                f"{at}.arm: no arm named {entry.get('arm')!r}{did_you_mean(str(entry.get('arm')), arms)}"
+            )
+        if entry.get("task") not in tasks:
+            raise GiftMergeError(f"{at}.task: {entry.get('task')!r} is not one of the tasks")
+        bounds = {k: entry.get(k) for k in ("min", "max")}
+        if all(v is None for v in bounds.values()) or not all(v is None or _is_number(v) for v in bounds.values()):
+            raise GiftMergeError(f"{at}: give a number as 'min', 'max' or both")
+        if not isinstance(entry.get("metric"), str):
+            raise GiftMergeError(f"{at}.metric: expected a metric name the task reports (e.g. acc)")
+        gates.append(
+            Gate(
+                arm=str(entry["arm"]),
+                task=str(entry["task"]),
+                metric=entry["metric"],
+                minimum=float(bounds["min"]) if bounds["min"] is not None else None,
+                maximum=float(bounds["max"]) if bounds["max"] is not None else None,
+                why=str(entry.get("why", "")),
+            )
+        )
+    return tuple(gates)
 
 
 def _parse_arm(

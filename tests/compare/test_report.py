@@ -198,3 +198,31 @@ def test_validate_names_the_problem(realistic: Comparison) -> None:
     realistic.reference = "nope"
     with pytest.raises(ValueError, match="reference arm 'nope'"):
         terminal_table(realistic)
+
+
+def test_a_failed_gate_withholds_the_ranking(realistic) -> None:
+    import dataclasses
+
+    from gift_merge.compare.report import markdown, terminal_table
+    from gift_merge.compare.results import Gate
+
+    arm = realistic.ranked_arms[1].name
+    task = realistic.tasks[0]
+    metric = realistic.headline[task]
+    mean = realistic.summary(arm, task, metric)[0]
+    passing = Gate(arm, task, metric, minimum=mean - 0.01, why="keeps the format", value=mean)
+    failing = dataclasses.replace(passing, minimum=mean + 0.01)
+    realistic.gates = [passing]
+    assert "## Ranking\n\nBy the mean" in markdown(realistic)
+    assert f"pass  {arm} {task} {metric} = {mean:.3f}" in terminal_table(realistic)
+    realistic.gates = [passing, failing]
+    text, table = markdown(realistic), terminal_table(realistic)
+    assert (
+        "**FAIL**" in text
+        and "Withheld: a sanity gate failed" in text
+        and "1. " not in text.split("## Ranking")[1].split("##")[0]
+    )
+    assert "ranking withheld" in table and "ranking (mean headline score)" not in table
+    from gift_merge.compare.results import Comparison
+
+    assert Comparison.from_json(realistic.to_json()).gates == realistic.gates

@@ -145,3 +145,22 @@ def test_gift_baselines_run_end_to_end(llama: dict[str, Path], tmp_path: Path) -
         assert f"| {arm}" in table
     for adapter in ("adapter-sft-instruct", "adapter-sft-base", "adapter-gift-base"):
         assert (tmp_path / "out" / "stages" / "seed-0" / adapter / "adapter_model.safetensors").is_file()
+
+
+def test_gates_parse_and_name_their_errors() -> None:
+    recipe = _parse(
+        "compare:\n  tasks: [gift_sni]\n  arms: {a: x, b: y}\n"
+        "  gates:\n    - {arm: b, task: gift_sni, metric: rougeL, min: 0.9, why: the transfer keeps the format}\n"
+    )
+    assert recipe.compare is not None
+    (gate,) = recipe.compare.gates
+    assert (gate.arm, gate.task, gate.metric, gate.minimum, gate.maximum) == ("b", "gift_sni", "rougeL", 0.9, None)
+    for bad, message in (
+        ("{arm: c, task: gift_sni, metric: acc, min: 1}", "gates[0].arm: no arm named 'c'"),
+        ("{arm: a, task: gift_sni, metric: acc}", "give a number as 'min', 'max' or both"),
+        ("{arm: a, task: t2, metric: acc, min: 1}", "gates[0].task: 't2' is not one of the tasks"),
+        ("{arm: a, task: gift_sni, metric: acc, mn: 1}", "unknown key 'mn'"),
+    ):
+        with pytest.raises(GiftMergeError) as caught:
+            _parse(f"compare:\n  tasks: [gift_sni]\n  arms: {{a: x}}\n  gates:\n    - {bad}\n")
+        assert message in str(caught.value)
