@@ -49,6 +49,8 @@ def run_compare(recipe: Recipe, out: Path, options: MergeOptions) -> Path:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     seeded = seeded_stages(recipe)
+    if any(isinstance(stage, TrainStage) for stage in recipe.stages):
+        import gift_merge.train.loop  # noqa: F401  # torch, transformers, peft: once, not in the first arm's build time
     builds = _build_all(recipe, spec, out, options, seeded)
     evaluations = _evaluate_all(recipe, spec, out, options, seeded, builds)
     comparison = _comparison(recipe, spec, builds, evaluations, seeded)
