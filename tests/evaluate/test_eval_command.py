@@ -169,4 +169,4 @@ def test_list_tasks_names_the_shipped_tasks() -> None:
     code, output = _eval("--list-tasks")
     assert code == 0
     names = [line.split()[0] for line in output.strip().splitlines()]
-    assert names == ["gift_gsm8k", "gift_svamp", "gift_mmlu_stem", "gift_sni"]
+    assert names == ["gift_gsm8k", "gift_svamp", "gift_mmlu_stem", "gift_sni", "toy_task", "toy_instruct"]

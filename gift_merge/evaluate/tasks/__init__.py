@@ -17,5 +17,7 @@ SHIPPED_TASKS: dict[str, str] = {
     "gift_svamp": "arithmetic word problems, reasoning to \\boxed{} (200 SVAMP problems); acc, pass_at_k, maj_at_k",
     "gift_mmlu_stem": "STEM knowledge, 4-way multiple choice by log-likelihood (200 MMLU STEM rows); acc, acc_norm",
     "gift_sni": "instruction following, held-out Super-NaturalInstructions tasks (200 prompts); rougeL, exact_match",
+    "toy_task": "toy family (gift_merge.toy): 200 held-out word problems, task style; acc, content, format",
+    "toy_instruct": "toy family (gift_merge.toy): 200 held-out instructions, instruct style; acc, format, content",
 }
 """Task name → what it measures, its size and its metrics (``gift-merge eval --list-tasks`` prints these)."""
