@@ -20,8 +20,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from tqdm import tqdm
-
 from gift_merge import blocks
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.adapter import AdapterReader, Patch
@@ -32,6 +30,7 @@ from gift_merge.numpy_engine import NumpyEngine, numpy_unsupported
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import MergeInputs, Operator, StreamInputs, generator_for
 from gift_merge.plan import MergePlan, TensorJob, TensorSource
+from gift_merge.progress import progress
 
 log = logging.getLogger("gift_merge")
 
@@ -248,8 +247,7 @@ def execute_plan(
     )
     writer = ShardedWriter(folder, [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs], max_shard_bytes)
     workers = workers or default_workers()
-    bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-               disable=True if quiet else None, dynamic_ncols=True)  # fmt: skip
+    bar = progress(total=plan.output_bytes, unit="B", unit_scale=True, desc=label, quiet=quiet)
     pending: deque[tuple[TensorJob, Future[None]]] = deque()
     done = 0
     in_flight = 0

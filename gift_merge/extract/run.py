@@ -11,7 +11,6 @@ import importlib.metadata
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from gift_merge.dtypes import dtype_name
 from gift_merge.errors import GiftMergeError
@@ -25,6 +24,7 @@ from gift_merge.io.artifacts import write_json
 from gift_merge.io.locate import locate
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.io.writer import atomic_output_folder, check_output_free
+from gift_merge.progress import progress
 
 REPORT_NAME = "extraction_report.json"
 
@@ -61,7 +61,7 @@ def extract_lora(base: str, tuned: str, out: str | Path, options: ExtractOptions
         ranks: dict[str, int] = {}
         saved_modules: list[str] = []
         tying = False
-        bar = tqdm(total=plan.steps, unit="module", desc="extract", disable=True if options.quiet else None)
+        bar = progress(total=plan.steps, unit="module", desc="extract", quiet=options.quiet)
         with bar, AdapterWriter(folder / WEIGHTS_NAME) as writer:
             for job in plan.lora:
                 bar.set_postfix_str(job.module, refresh=False)

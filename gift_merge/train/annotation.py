@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from gift_merge.errors import GiftMergeError
+from gift_merge.progress import progress
 from gift_merge.train.config import AnnotateConfig
 from gift_merge.train.data import Example, PromptBuilder, annotation_span, encode_pairs, read_jsonl
 from gift_merge.train.loss import chunk_rows
@@ -74,7 +74,7 @@ def annotate(config: AnnotateConfig, *, quiet: bool = False) -> Path:
     empty = 0
     with (
         partial.open("a", encoding="utf-8") as handle,
-        tqdm(total=len(rows), initial=done, unit="row", desc="annotate", disable=True if quiet else None) as bar,
+        progress(total=len(rows), initial=done, unit="row", desc="annotate", quiet=quiet) as bar,
     ):
         for start in range(done, len(rows), window):
             chunk = examples[start : start + window]

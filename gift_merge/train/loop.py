@@ -30,11 +30,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.writer import check_output_free
+from gift_merge.progress import progress
 from gift_merge.train import distributed
 from gift_merge.train.checkpoint import load_checkpoint, save_checkpoint
 from gift_merge.train.config import TrainConfig
@@ -172,9 +172,7 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
     # ---- train -------------------------------------------------------------------------------------
     pad = pad_id(tokenizer)
     peft_model.train()
-    bar = tqdm(
-        total=schedule.total_steps, initial=first_step, unit="step", desc="train", disable=True if quiet else None
-    )
+    bar = progress(total=schedule.total_steps, initial=first_step, unit="step", desc="train", quiet=quiet)
     for step in range(first_step, schedule.total_steps):
         started = time.perf_counter()
         micro_batches, count = schedule.rank_micro_batches(step, ranks.rank)
