@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def load_tokenizer(reference: str) -> tuple[PreTrainedTokenizerBase, Path]:
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, *, quiet: bool = False) -> PreTrainedModel:
-    with quiet_transformers() if quiet else contextlib.nullcontext():
+    # transformers' loading bar is useful on a terminal for a large model, and noise in a log file
+    with quiet_transformers() if quiet or not sys.stderr.isatty() else contextlib.nullcontext():
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except (OSError, ValueError) as exc:
