@@ -16,7 +16,7 @@ from typing import Any
 
 from gift_merge.architecture import detect_layout
 from gift_merge.errors import GiftMergeError
-from gift_merge.execute import execute_plan
+from gift_merge.execute import choose_engine, execute_plan
 from gift_merge.io import artifacts
 from gift_merge.io.finite import NonFinite
 from gift_merge.io.locks import output_lock
@@ -134,7 +134,10 @@ def _run_stages(recipe: Recipe, destination: Path, options: MergeOptions) -> Non
             log.info("stage %s: up to date in %s", stage.name, target)
             continue
         rebuilt.add(stage.name or "")
-        build_stage(stage, target, folders, resolver, options, overwrite=options.overwrite or not final)
+        full = recipe.text if final and len(recipe.stages) > 1 else None  # every stage that led to the output
+        build_stage(
+            stage, target, folders, resolver, options, overwrite=options.overwrite or not final, full_recipe=full
+        )
         record_inputs(target, fingerprint)
 
 
@@ -146,8 +149,13 @@ def build_stage(
     options: MergeOptions,
     *,
     overwrite: bool,
+    full_recipe: str | None = None,
 ) -> None:
-    """Train or merge one stage into ``target``; the stages it reads are built already."""
+    """Train or merge one stage into ``target``; the stages it reads are built already.
+
+    ``full_recipe``, for the last stage of a multi-document recipe, goes into the output's card and
+    ``gift_merge.json`` so the output says how to rebuild it from scratch.
+    """
     if isinstance(stage, TrainStage):
         log.info("stage %s: training an adapter into %s", stage.name or "final", target)
         run_training(stage, target, folders, overwrite=overwrite, quiet=options.quiet)
@@ -155,7 +163,7 @@ def build_stage(
     plan = plan_stage(stage, resolver)  # re-planned against the real outputs of earlier stages
     for warning in plan.warnings:
         log.warning(warning)
-    _write_merge(plan, target, options, overwrite=overwrite, label=stage.name or "merge")
+    _write_merge(plan, target, options, overwrite=overwrite, label=stage.name or "merge", full_recipe=full_recipe)
 
 
 def _refuse_inputs_as_output(plans: list[StagePlan], destination: Path) -> None:
@@ -191,7 +199,9 @@ def stage_is_current(folder: Path, stage: Stage, fingerprint: dict[str, Any]) ->
     return stage_is_reusable(folder, stage, fingerprint)
 
 
-def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, overwrite: bool, label: str) -> None:
+def _write_merge(
+    plan: MergePlan, destination: Path, options: MergeOptions, *, overwrite: bool, label: str, full_recipe: str | None
+) -> None:
     reference = plan.models[plan.reference]
     with atomic_output_folder(destination, overwrite=overwrite) as tmp:
         writer = execute_plan(
@@ -213,13 +223,29 @@ def _write_merge(plan: MergePlan, destination: Path, options: MergeOptions, *, o
             artifacts.set_chat_template(tmp, plan.stage.chat_template, [m.folder for m in plan.models.values()])
         (tmp / artifacts.RECIPE_NAME).write_text(plan.stage.text)
         stage = plan.stage
+        recipe_text = full_recipe or stage.text
+        inputs = {
+            m.label: None if m.virtual else str((m.adapter.folder if m.adapter is not None else m.folder).resolve())
+            for m in plan.models.values()
+        }
+        provenance = {
+            "gift_merge_version": artifacts.package_version(),
+            "method": stage.merge_method,
+            "seed": options.seed,
+            "engine": choose_engine(plan, options.device, options.engine),
+            "device": options.device,
+            "inputs": inputs,
+            "recipe": recipe_text,
+        }
+        artifacts.write_json(tmp / artifacts.PROVENANCE_NAME, provenance)
         artifacts.write_model_card(
             tmp,
             method=stage.merge_method,
             base=str(stage.base_model) if stage.base_model else None,
             inputs=[m.label for m in plan.models.values()],
-            recipe_text=stage.text,
+            recipe_text=recipe_text,
             trained=_training_records(plan),
+            provenance=provenance,
         )
 
 

@@ -96,3 +96,19 @@ def test_a_changed_recipe_text_says_so(workspace: Path, caplog: pytest.LogCaptur
     recipe.write_text(recipe.read_text().replace("weight: 0.5}", "weight: 0.25}", 1))
     log = _run(workspace, caplog)
     assert "stage soup: rebuilt, its recipe text changed" in log
+
+
+def test_the_final_output_says_how_to_rebuild_it(workspace: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Card and gift_merge.json hold every document of the recipe, the version, seed, engine and input folders."""
+    import json
+
+    _run(workspace, caplog)
+    final = workspace / "final"
+    record = json.loads((final / "gift_merge.json").read_text())
+    assert record["recipe"] == (workspace / "r.yaml").read_text()
+    assert record["seed"] == 0 and record["engine"] in ("numpy", "torch") and record["gift_merge_version"]
+    assert record["inputs"] == {"soup": str(workspace / "final-stages" / "soup")}
+    card = (final / "README.md").read_text()
+    assert "base_model_relation: merge" in card
+    assert "name: soup" in card and "model: soup" in card  # both documents
+    assert f"`{workspace / 'final-stages' / 'soup'}`" in card

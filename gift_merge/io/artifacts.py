@@ -13,6 +13,19 @@ from gift_merge.errors import GiftMergeError
 from gift_merge.io.chat_templates import BUILTIN_TEMPLATES
 
 RECIPE_NAME = "gift_merge_recipe.yaml"
+PROVENANCE_NAME = "gift_merge.json"
+"""How an output was made, for machines: gift-merge's version, method, seed, engine, input folders, recipe."""
+
+
+def package_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gift-merge")
+    except PackageNotFoundError:
+        return None
+
+
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model",
@@ -104,6 +117,7 @@ def write_model_card(
     inputs: list[str],
     recipe_text: str,
     trained: Mapping[str, Mapping[str, Any]] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> None:
     """A README naming the inputs and the method, with the recipe verbatim, as the Hub expects.
 
@@ -116,6 +130,7 @@ def write_model_card(
         lines.append("base_model:")
         lines += [f"- {m}" for m in dict.fromkeys(hub_ids)]
     lines += [
+        "base_model_relation: merge",
         "library_name: transformers",
         "tags:",
         "- gift-merge",
@@ -127,7 +142,17 @@ def write_model_card(
     ]
     lines.append(f"This model was merged with gift-merge using the `{method}` method"
                  + (f" with `{base}` as the base." if base else "."))  # fmt: skip
-    lines += ["", "## Inputs", ""] + [f"- `{m}`" for m in dict.fromkeys(inputs)]
+    folders = dict((provenance or {}).get("inputs") or {})
+    lines += ["", "## Inputs", ""]
+    lines += [
+        f"- `{m}`" + (f" (`{folders[m]}`)" if folders.get(m) and folders[m] != m else "") for m in dict.fromkeys(inputs)
+    ]
+    if provenance:
+        lines += [
+            "",
+            f"Made with gift-merge {provenance.get('gift_merge_version')}, seed {provenance.get('seed')}, "
+            f"engine {provenance.get('engine')} on {provenance.get('device')}; `{PROVENANCE_NAME}` records the same.",
+        ]
     for label, record in (trained or {}).items():
         lines += ["", f"## How `{label}` was trained", "", *_training_lines(record)]
     lines += ["", "## Recipe", "", "```yaml", recipe_text.strip(), "```", ""]
