@@ -159,7 +159,9 @@ def plan(recipe: Path) -> None:
     from gift_merge.recipe import load_recipe
     from gift_merge.train.stage import TrainPlan
 
-    for stage_plan in plan_recipe(load_recipe(recipe)):
+    loaded = load_recipe(recipe)
+    plans = plan_recipe(loaded)
+    for stage_plan in plans:
         name = stage_plan.stage.name or "final"
         if isinstance(stage_plan, TrainPlan):
             click.echo(f"# stage {name}: {stage_plan.describe()}")
@@ -172,6 +174,18 @@ def plan(recipe: Path) -> None:
             click.echo(f"# warning: {warning}")
         for job in stage_plan.jobs:
             click.echo(describe_job(job))
+    total = sum(p.output_bytes for p in plans if not isinstance(p, TrainPlan))
+    if total and loaded.compare is None:
+        from gift_merge.io.disk import free_bytes
+        from gift_merge.merge import resolve_output
+
+        try:
+            out = resolve_output(loaded, None)
+        except GiftMergeError:  # no `output:`: the run's OUT argument decides
+            out = Path.cwd() / "merged"
+        click.echo(
+            f"# disk: the outputs need {total / 1e9:.3f} GB; {free_bytes(out.parent) / 1e9:.1f} GB free at {out.parent}"
+        )
 
 
 @main.command()

@@ -18,6 +18,7 @@ from gift_merge.architecture import detect_layout
 from gift_merge.errors import GiftMergeError
 from gift_merge.execute import choose_engine, execute_plan
 from gift_merge.io import artifacts
+from gift_merge.io.disk import check_room
 from gift_merge.io.finite import NonFinite
 from gift_merge.io.locks import output_lock
 from gift_merge.io.writer import atomic_output_folder, check_output_free
@@ -117,6 +118,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOpti
         check_output_free(destination, overwrite=options.overwrite)
         plans = plan_recipe(recipe, destination, options.intermediate_dir)
         _refuse_inputs_as_output(plans, destination)
+        final = plans[-1]
+        if isinstance(final, MergePlan):  # before any stage runs: the output is what must fit at the end
+            check_room(destination.parent, final.output_bytes, "the merged model")
         _run_stages(recipe, destination, options)
     return destination
 
@@ -203,6 +207,7 @@ def _write_merge(
     plan: MergePlan, destination: Path, options: MergeOptions, *, overwrite: bool, label: str, full_recipe: str | None
 ) -> None:
     reference = plan.models[plan.reference]
+    check_room(destination.parent, plan.output_bytes, f"stage {label}")
     with atomic_output_folder(destination, overwrite=overwrite) as tmp:
         writer = execute_plan(
             plan,

@@ -159,3 +159,17 @@ def test_a_non_utf8_train_config_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", "--config", str(config)])
     assert result.exit_code == 2
     assert result.output.strip() == f"error: {config}: not UTF-8 (byte at offset 18); save the file as UTF-8"
+
+
+def test_a_disk_too_small_refuses_before_merging(
+    tmp_path: Path, llama: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gift_merge.io.disk as disk
+
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))  # type: ignore[attr-defined]
+    result = _run(str(_recipe(tmp_path, llama)), str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "the merged model needs" in result.output and "0.00 GB free" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.yaml"]
+    plan = CliRunner().invoke(main, ["plan", str(_recipe(tmp_path, llama))])
+    assert plan.exit_code == 0 and "# disk: the outputs need" in plan.output
