@@ -1,5 +1,8 @@
 # One venv, CPU torch, the package with its dev and eval extras. `make test` and `make demo` work from a fresh clone.
 PYTHON ?= python3
+# The torch requirement make installs first; where pip would resolve it to a CUDA build, point it at
+# PyTorch's CPU-only wheel index: make TORCH="torch==2.13.0 --index-url <that index>"
+TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -10,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU build first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[dev,eval]'
 	touch $(STAMP)
 
