@@ -224,6 +224,24 @@ def inspect(model: str, revision: str | None) -> None:
     click.echo(f"# {len(reader.names)} tensors, {count:,} parameters, {reader.total_bytes / 1e9:.3f} GB")
 
 
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", default=None, help="Branch to upload to (created if missing) [default: main].")
+@click.option("--message", default=None, help="Commit message.")
+@handle_errors
+def upload(out: Path, repo_id: str, private: bool, revision: str | None, message: str | None) -> None:
+    """Upload a finished output (merged model or adapter) in OUT to the Hub repository REPO_ID.
+
+    Refuses an output that is still being written, a temporary folder, or weights that do not open.
+    Authenticates as huggingface_hub does (HF_TOKEN or `hf auth login`).
+    """
+    from gift_merge.io.upload import upload as upload_folder
+
+    click.echo(f"uploaded: {upload_folder(out, repo_id, private=private, revision=revision, message=message)}")
+
+
 # Commands that live with their feature.
 main.add_command(annotate_command)
 main.add_command(train_command)
