@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,31 @@ def write_model_card(
     for label, record in (trained or {}).items():
         lines += ["", f"## How `{label}` was trained", "", *_training_lines(record)]
     lines += ["", "## Recipe", "", "```yaml", recipe_text.strip(), "```", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def write_adapter_card(out: Path, record: Mapping[str, Any], log: Sequence[Mapping[str, Any]]) -> None:
+    """The adapter's README (in place of peft's empty template): what it is, how it was trained, its loss."""
+    base = str(record.get("base_model") or "")
+    is_hub = "/" in base and not base.startswith((".", "/", "~")) and not Path(base).exists()
+    mode = str(record.get("mode", "gift"))
+    lines = ["---", *([f"base_model: {base}"] if is_hub else []), "base_model_relation: adapter", "library_name: peft",
+             "tags:", "- gift-merge", "- lora", f"- {mode}", "---", "",
+             f"# {'GIFT' if mode == 'gift' else 'SFT'} LoRA adapter", ""]  # fmt: skip
+    lines.append(
+        "A LoRA adapter trained on the base model with gift-merge; `merge_method: gift` adds it to the "
+        "instruct model, and `PeftModel.from_pretrained(base, folder)` loads it."
+    )
+    lines += ["", "## How it was trained", "", *_training_lines(record)]
+    losses = [float(r["loss"]) for r in log if "loss" in r]
+    if losses:
+        tokens = sum(int(r.get("tokens", 0)) for r in log)
+        summary = (
+            f"{len(losses)} optimizer steps, {tokens:,} tokens: loss {losses[0]:.4f} at the first step, "
+            f"{min(losses):.4f} at its lowest, {losses[-1]:.4f} at the last (every step: `training_log.jsonl`)."
+        )
+        lines += ["", "## Loss", "", summary]
+    lines += ["", "`gift.json` records every setting and the package versions.", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 

@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gift_merge.io import artifacts
 from gift_merge.io.writer import atomic_output_folder
 
 if TYPE_CHECKING:
@@ -39,4 +40,5 @@ def write_adapter(
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / LOG_NAME).write_text("".join(json.dumps(record) + "\n" for record in log))
         (tmp / PROVENANCE_NAME).write_text(json.dumps({**provenance, "versions": versions()}, indent=2) + "\n")
+        artifacts.write_adapter_card(tmp, provenance, log)  # replaces peft's empty template
     return out.resolve()

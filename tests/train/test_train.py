@@ -297,3 +297,25 @@ def test_prompt_preset_reaches_the_annotation_it_triggers(tiny: dict[str, Path],
     run(tiny, NUMINA, tmp_path / "chat", max_length=256, grad_accum=6)  # the chat template: other scores
     assert len(list(tmp_path.glob("chat.annotated-*.jsonl"))) == 1
     assert cached.read_text() != next(tmp_path.glob("chat.annotated-*.jsonl")).read_text()
+
+
+def test_the_adapter_card_says_how_it_was_trained(llama: dict[str, Path], tmp_path: Path) -> None:
+    """Not peft's empty template: the mode, the base, the data's hash, the LoRA settings and the loss."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gift_merge.cli import main
+
+    data = Path(__file__).resolve().parents[2] / "recipes" / "data" / "numina_cot_24.jsonl"
+    out = tmp_path / "adapter"
+    args = ["train", "--base", str(llama["base"]), "--data", str(data), "--out", str(out), "--mode", "sft",
+            "--max-length", "64", "--batch-size", "8", "--grad-accum", "1", "--r", "2"]  # fmt: skip
+    result = CliRunner().invoke(main, ["-q", *args])
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    record = json.loads((out / "gift.json").read_text())
+    losses = [json.loads(line)["loss"] for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert "base_model_relation: adapter" in card and "# SFT LoRA adapter" in card
+    assert record["data_sha256"][:12] in card and f"trained on: `{llama['base']}`" in card
+    assert f"loss {losses[0]:.4f} at the first step" in card and f"{losses[-1]:.4f} at the last" in card
