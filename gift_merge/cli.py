@@ -153,6 +153,7 @@ def validate(recipe: Path) -> None:
 @handle_errors
 def plan(recipe: Path) -> None:
     """Print the resolved job of every output tensor."""
+    from gift_merge.execute import estimated_peak
     from gift_merge.merge import plan_recipe
     from gift_merge.numpy_engine import numpy_unsupported
     from gift_merge.plan import describe_job
@@ -170,6 +171,8 @@ def plan(recipe: Path) -> None:
         click.echo(f"# stage {name}: {stage_plan.operator.name}, {len(stage_plan.jobs)} tensors, {size:.3f} GB")
         why_not = numpy_unsupported(stage_plan, "cpu")
         click.echo(f"# engine on the CPU: {'numpy' if why_not is None else f'torch ({why_not})'}")
+        peak = estimated_peak(stage_plan)
+        click.echo(f"# memory: about {peak / 2**30:.2f} GiB of working sets at the peak, beside the inputs' page cache")
         for warning in stage_plan.warnings:
             click.echo(f"# warning: {warning}")
         for job in stage_plan.jobs:

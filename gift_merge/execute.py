@@ -173,6 +173,34 @@ def working_set(job: TensorJob, path: str) -> int:
     return job.numel * job.math_dtype.itemsize * (len(job.sources) + _TEMPORARIES)
 
 
+def peak_in_flight(costs: list[int], workers: int, budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """The largest sum of working sets :func:`execute_plan` holds at once for jobs of these ``costs``.
+
+    The same admission rule as the executor (at most ``workers + 1`` jobs in flight, and no new job past
+    ``budget`` while others run), replayed with jobs finishing in order, so ``plan`` can say beforehand
+    what a merge will hold.
+    """
+    pending: deque[int] = deque()
+    in_flight = peak = 0
+    for cost in costs:
+        while pending and (len(pending) > workers or in_flight + cost > budget):
+            in_flight -= pending.popleft()
+        pending.append(cost)
+        in_flight += cost
+        peak = max(peak, in_flight)
+    return peak
+
+
+def estimated_peak(plan: MergePlan, device: str = "cpu", engine: str = "auto", workers: int | None = None) -> int:
+    """Bytes of working sets a merge of ``plan`` holds at its peak (inputs are page cache, not counted)."""
+    if choose_engine(plan, device, engine) == "numpy":
+        costs = [NumpyEngine.working_set(job) for job in plan.jobs]
+    else:
+        readers = _Readers(plan)
+        costs = [working_set(job, readers.path(job)) for job in plan.jobs]
+    return peak_in_flight(costs, workers or default_workers())
+
+
 def default_workers() -> int:
     """One job per core (at least two, so reading overlaps computing), at most eight."""
     return max(2, min(8, os.cpu_count() or 1))

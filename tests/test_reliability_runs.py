@@ -173,3 +173,13 @@ def test_a_disk_too_small_refuses_before_merging(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.yaml"]
     plan = CliRunner().invoke(main, ["plan", str(_recipe(tmp_path, llama))])
     assert plan.exit_code == 0 and "# disk: the outputs need" in plan.output
+
+
+def test_peak_in_flight_replays_the_executors_admission_rule() -> None:
+    from gift_merge.execute import peak_in_flight
+
+    assert peak_in_flight([5, 5, 5, 5], workers=1, budget=100) == 10  # at most workers + 1 jobs at once
+    assert peak_in_flight([5, 5, 5, 5], workers=2, budget=100) == 15
+    assert peak_in_flight([60, 60, 10], workers=4, budget=100) == 70  # the second 60 waits for the first
+    assert peak_in_flight([150, 10], workers=4, budget=100) == 150  # a job past the budget runs alone
+    assert peak_in_flight([], workers=2) == 0
