@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from gift_merge.progress import progress
 from gift_merge.toy.corpus import token_batches
 
 
@@ -77,6 +78,7 @@ def pretrain(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings.steps, settings.warmup))
     losses: list[float] = []
     model.train()
+    bar = progress(total=settings.steps, desc="pretrain the toy base", unit="step")
     for step in range(settings.steps):
         ids = batches[step]
         loss = model(input_ids=ids, labels=ids).loss
@@ -87,5 +89,8 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == settings.steps - 1:
             losses.append(round(loss.item(), 4))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update(1)
+    bar.close()
     model.eval()
     return model, losses
