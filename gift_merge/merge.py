@@ -234,7 +234,7 @@ def _write_merge(
             for m in plan.models.values()
         }
         provenance = {
-            "gift_merge_version": artifacts.package_version(),
+            "gift_merge_version": artifacts.package_versions("gift-merge")["gift-merge"],
             "method": stage.merge_method,
             "seed": options.seed,
             "engine": choose_engine(plan, options.device, options.engine),

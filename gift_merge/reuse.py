@@ -34,16 +34,16 @@ def input_fingerprint(stage: Stage, folders: dict[str, Path], recipe_folder: Pat
         if ref.stage is not None:
             folder = folders.get(ref.stage)
             if folder is not None:
-                found[f"stage {ref.stage}"] = _files(folder)
+                found[f"stage {ref.stage}"] = folder_files(folder)
         else:
             try:
-                found[ref.path] = _files(locate(ref.path, ref.revision, relative_to=recipe_folder))
+                found[ref.path] = folder_files(locate(ref.path, ref.revision, relative_to=recipe_folder))
             except GiftMergeError:
                 found[ref.path] = None  # unresolvable now: planning will say why
         if ref.adapter is not None:
             try:
                 adapter = locate(ref.adapter, ref.adapter_revision, relative_to=recipe_folder)
-                found[f"adapter {ref.adapter}"] = _files(adapter)
+                found[f"adapter {ref.adapter}"] = folder_files(adapter)
             except GiftMergeError:
                 found[f"adapter {ref.adapter}"] = None
     if isinstance(stage, TrainStage):
@@ -78,7 +78,8 @@ def stage_is_reusable(folder: Path, stage: Stage, fingerprint: dict[str, Any]) -
     return True
 
 
-def _files(folder: Path) -> list[list[Any]]:
+def folder_files(folder: Path) -> list[list[Any]]:
+    """Name, size and modification time of each file in ``folder``: changes whenever it is rebuilt."""
     return sorted([p.name, *_stat(p)] for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from gift_merge.compare.spec import ArmSpec, ExtraDocument
 from gift_merge.errors import GiftMergeError
+from gift_merge.recipe.loader import check_keys
 from gift_merge.recipe.schema import ModelRef
-from gift_merge.suggest import did_you_mean
 
 PRESETS = ("gift",)
 KEYS = ("preset", "base", "instruct", "data", "train", "weights", "density", "dtype")
@@ -38,9 +38,7 @@ _DECIDED_BY_PRESET = ("base", "instruct", "data", "mode")
 def expand_baselines(raw: Any, where: str, stage_names: set[str]) -> tuple[list[ArmSpec], list[ExtraDocument]]:
     if not isinstance(raw, dict):
         raise GiftMergeError(f"{where}: expected a mapping with preset, base, instruct, data and train")
-    for key in raw:
-        if key not in KEYS:
-            raise GiftMergeError(f"{where}: unknown key {key!r}{did_you_mean(str(key), KEYS)}")
+    check_keys(raw, KEYS, where)
     preset = raw.get("preset", "gift")
     if preset not in PRESETS:
         raise GiftMergeError(f"{where}.preset: {preset!r} is not a preset ({', '.join(PRESETS)})")

@@ -23,12 +23,12 @@ from gift_merge.compare.results import ArmRecord, Comparison, Score
 from gift_merge.compare.spec import ArmSpec, CompareSpec
 from gift_merge.errors import GiftMergeError
 from gift_merge.evaluate.harness import EvalOptions
-from gift_merge.evaluate.loading import EvalTarget, model_target
+from gift_merge.evaluate.loading import EvalTarget, built_stage_target, model_target
 from gift_merge.merge import MergeOptions, build_stage, stage_folders, stage_is_current, stage_resolver
 from gift_merge.operators import get_operator
 from gift_merge.recipe.loader import stage_dependencies
 from gift_merge.recipe.schema import MergeStage, Recipe, Stage, TrainStage
-from gift_merge.reuse import input_fingerprint, record_inputs
+from gift_merge.reuse import folder_files, input_fingerprint, record_inputs
 
 log = logging.getLogger("gift_merge")
 
@@ -106,9 +106,11 @@ def _build_all(recipe: Recipe, spec: CompareSpec, out: Path, options: MergeOptio
         rebuilt: set[str] = set()
         for stage in recipe.stages:
             name = stage.name or ""
-            if name not in needed or (name not in seeded and (name, spec.seeds[0]) in builds):
-                if name not in seeded and (name, spec.seeds[0]) in builds:
-                    builds[(name, seed)] = builds[(name, spec.seeds[0])]
+            if name not in needed:
+                continue
+            shared = None if name in seeded else builds.get((name, spec.seeds[0]))
+            if shared is not None:  # built once, for the first seed
+                builds[(name, seed)] = shared
                 continue
             stage = seeded_stage(stage, seed)
             target = folders[name]
@@ -132,15 +134,7 @@ def _build_all(recipe: Recipe, spec: CompareSpec, out: Path, options: MergeOptio
 
 def _needed_stages(recipe: Recipe, spec: CompareSpec) -> set[str]:
     """The arms' stages and everything they read."""
-    by_name = {s.name: s for s in recipe.stages if s.name}
-    needed: set[str] = set()
-    pending = [a.stage for a in spec.arms if a.stage]
-    while pending:
-        name = pending.pop()
-        if name and name not in needed:
-            needed.add(name)
-            pending += sorted(stage_dependencies(by_name[name]))
-    return needed
+    return set().union(*(_closure(recipe, arm.stage) for arm in spec.arms if arm.stage))
 
 
 def _read_build_record(folder: Path) -> dict[str, Any]:
@@ -151,6 +145,7 @@ def _read_build_record(folder: Path) -> dict[str, Any]:
 
 
 def _closure(recipe: Recipe, stage: str) -> set[str]:
+    """``stage`` and every stage it reads, directly or through others."""
     by_name = {s.name: s for s in recipe.stages if s.name}
     found: set[str] = set()
     pending = [stage]
@@ -209,27 +204,18 @@ def _arm_target(
         return model_target(arm.model, relative_to=recipe.folder)
     folders = folders_for_seed(recipe, out, seed, seeded, options)
     stage = next(s for s in recipe.stages if s.name == arm.stage)
-    folder = folders[arm.stage or ""]
-    if isinstance(stage, TrainStage):  # an adapter: evaluated on the model it was trained on
-        base = model_target(stage.base, relative_to=recipe.folder, folders=folders)
-        return EvalTarget(f"{arm.name}", base.model, folder)
-    return EvalTarget(arm.name, folder)
+    return built_stage_target(arm.name, stage, folders[arm.stage or ""], recipe.folder, folders)
 
 
 def _eval_key(target: EvalTarget, options: EvalOptions, spec: CompareSpec) -> str:
     material = {
-        "model": _fingerprint(target.model),
-        "adapter": _fingerprint(target.adapter) if target.adapter else None,
+        "model": folder_files(target.model),
+        "adapter": folder_files(target.adapter) if target.adapter else None,
         "options": options.record(),
         "device": spec.device,
         "dtype": spec.dtype,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _fingerprint(folder: Path) -> list[tuple[str, int, int]]:
-    """Names, sizes and modification times of a folder's files: changes whenever it is rebuilt."""
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
 
 
 def _read_cached(path: Path, key: str) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ import yaml
 from gift_merge.compare.results import Gate
 from gift_merge.errors import GiftMergeError
 from gift_merge.evaluate.harness import EvalOptions
+from gift_merge.recipe.loader import check_keys
 from gift_merge.recipe.schema import ModelRef
 from gift_merge.suggest import did_you_mean
 
@@ -89,10 +90,10 @@ def is_compare_document(doc: Any) -> bool:
 
 def parse_compare(doc: Mapping[str, Any], where: str, stage_names: set[str]) -> tuple[CompareSpec, list[ExtraDocument]]:
     """Validate the section; return its spec and the stage documents its inline and preset arms need."""
-    _check_keys(doc, DOCUMENT_KEYS, where)
+    check_keys(doc, DOCUMENT_KEYS, where)
     section = doc["compare"]
     where = f"{where}.compare"
-    _check_keys(section, SECTION_KEYS, where)
+    check_keys(section, SECTION_KEYS, where)
     extra: list[ExtraDocument] = []
     arms: list[ArmSpec] = []
     if section.get("baselines") is not None:
@@ -158,7 +159,7 @@ def _parse_gates(raw: Any, where: str, arms: list[str], tasks: tuple[str, ...]) 
     gates = []
     for i, entry in enumerate(raw):
         at = f"{where}[{i}]"
-        _check_keys(entry, GATE_KEYS, at)
+        check_keys(entry, GATE_KEYS, at)
         if entry.get("arm") not in arms:
             raise GiftMergeError(
                 f"{at}.arm: no arm named {entry.get('arm')!r}{did_you_mean(str(entry.get('arm')), arms)}"
@@ -281,7 +282,7 @@ def set_parameter(doc: dict[str, Any], path: str, value: float, where: str) -> N
 
 
 def _parse_eval(raw: Any, where: str, tasks: tuple[str, ...]) -> tuple[EvalOptions, str, str]:
-    _check_keys(raw, EVAL_KEYS, where)
+    check_keys(raw, EVAL_KEYS, where)
     settings = {k: v for k, v in raw.items() if k not in ("device", "dtype")}
     try:
         options = EvalOptions(tasks=tasks, **settings)
@@ -291,14 +292,6 @@ def _parse_eval(raw: Any, where: str, tasks: tuple[str, ...]) -> tuple[EvalOptio
         message = re.sub(r"^--([\w-]+)", lambda flag: flag.group(1).replace("-", "_"), str(exc))
         raise GiftMergeError(f"{where}: {message}") from None
     return options, str(raw.get("device", "cpu")), str(raw.get("dtype", "auto"))
-
-
-def _check_keys(mapping: Any, allowed: tuple[str, ...], where: str) -> None:
-    if not isinstance(mapping, dict):
-        raise GiftMergeError(f"{where}: expected a mapping, got {type(mapping).__name__}")
-    for key in mapping:
-        if key not in allowed:
-            raise GiftMergeError(f"{where}: unknown key {key!r}{did_you_mean(str(key), allowed)}")
 
 
 def _string_list(raw: Any, where: str) -> tuple[str, ...]:

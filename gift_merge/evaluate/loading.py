@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gift_merge.errors import GiftMergeError
-from gift_merge.recipe.schema import ModelRef
+from gift_merge.recipe.schema import ModelRef, Stage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -68,7 +68,6 @@ def recipe_stage_target(recipe_path: Path, stage_name: str | None) -> EvalTarget
     """
     from gift_merge.merge import resolve_output, stage_folders
     from gift_merge.recipe import load_recipe
-    from gift_merge.recipe.schema import TrainStage
 
     recipe = load_recipe(recipe_path)
     out = resolve_output(recipe, None)
@@ -85,8 +84,18 @@ def recipe_stage_target(recipe_path: Path, stage_name: str | None) -> EvalTarget
     label = f"{recipe_path}:{stage_name}" if stage_name else str(recipe_path)
     if not folder.is_dir():
         raise GiftMergeError(f"{label}: not built yet ({folder} is missing); run `gift-merge run {recipe_path}` first")
+    return built_stage_target(label, stage, folder, recipe.folder, folders)
+
+
+def built_stage_target(
+    label: str, stage: Stage, folder: Path, recipe_folder: Path, folders: dict[str, Path]
+) -> EvalTarget:
+    """What a built stage in ``folder`` is evaluated as: a merge its folder, a ``train:`` stage its adapter
+    on the model it was trained on (``folders`` locates earlier stages of the recipe)."""
+    from gift_merge.recipe.schema import TrainStage
+
     if isinstance(stage, TrainStage):
-        base = model_target(stage.base, relative_to=recipe.folder, folders=folders)
+        base = model_target(stage.base, relative_to=recipe_folder, folders=folders)
         return EvalTarget(label, base.model, folder)
     return EvalTarget(label, folder)
 

@@ -11,21 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gift_merge.errors import GiftMergeError
 from gift_merge.evaluate.harness import EvalOptions, HarnessRun
+from gift_merge.io.artifacts import package_versions
 
 
 def versions() -> dict[str, str | None]:
     """Versions of the packages an evaluation's numbers depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {}
-    for package in ("gift-merge", "lm-eval", "transformers", "torch", "peft", "math-verify"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = None
-    return found
+    return package_versions("gift-merge", "lm-eval", "transformers", "torch", "peft", "math-verify")
 
 
 def eval_record(
@@ -46,10 +38,8 @@ def eval_record(
     return record
 
 
-def write_json(path: Path, data: Any, *, overwrite: bool = True) -> None:
+def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON through a temporary file and a rename: a reader never sees half a file."""
-    if path.exists() and not overwrite:
-        raise GiftMergeError(f"{path}: already exists (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:

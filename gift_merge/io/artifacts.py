@@ -17,13 +17,17 @@ PROVENANCE_NAME = "gift_merge.json"
 """How an output was made, for machines: gift-merge's version, method, seed, engine, input folders, recipe."""
 
 
-def package_version() -> str | None:
+def package_versions(*packages: str) -> dict[str, str | None]:
+    """Installed versions of ``packages`` (None where one is missing), for the records outputs carry."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("gift-merge")
-    except PackageNotFoundError:
-        return None
+    found: dict[str, str | None] = {}
+    for package in packages:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 TOKENIZER_FILES = (

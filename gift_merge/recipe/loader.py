@@ -106,7 +106,7 @@ def _parse_document(doc: Any, where: str, text: str, folder: Path) -> Stage:
 
 
 def _parse_train_stage(doc: Any, where: str, text: str, folder: Path) -> TrainStage:
-    doc = _check_keys(doc, TRAIN_STAGE_KEYS, where)
+    doc = check_keys(doc, TRAIN_STAGE_KEYS, where)
     section = doc["train"]
     if not isinstance(section, dict):
         raise GiftMergeError(f"{where}.train: expected a mapping of training options (as `gift-merge train`'s)")
@@ -147,7 +147,8 @@ def _split_documents(text: str) -> list[str]:
     return [p for p in parts if yaml.safe_load(p) is not None] if len(parts) > 1 else parts
 
 
-def _check_keys(mapping: Any, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
+def check_keys(mapping: Any, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
+    """``mapping`` if it is a mapping whose keys are all ``allowed``; otherwise one line naming the key."""
     if not isinstance(mapping, dict):
         raise GiftMergeError(f"{where}: expected a mapping, got {type(mapping).__name__}")
     for key in mapping:
@@ -193,7 +194,7 @@ def _parse_layer_range(raw: Any, where: str) -> tuple[int, int]:
 
 
 def _parse_stage(doc: Any, where: str, text: str) -> MergeStage:
-    doc = _check_keys(doc, STAGE_KEYS, where)
+    doc = check_keys(doc, STAGE_KEYS, where)
     if "merge_method" not in doc:
         raise GiftMergeError(f"{where}: missing 'merge_method'")
     try:
@@ -235,7 +236,7 @@ def _parse_stage(doc: Any, where: str, text: str) -> MergeStage:
 
 
 def _parse_input(raw: Any, op: Operator, where: str, keys: tuple[str, ...]) -> InputModel:
-    raw = _check_keys(raw, keys, where)
+    raw = check_keys(raw, keys, where)
     layer_range = _parse_layer_range(raw["layer_range"], f"{where}.layer_range") if "layer_range" in raw else None
     if "layer_range" in keys and layer_range is None:
         raise GiftMergeError(f"{where}: missing 'layer_range'")
@@ -248,7 +249,7 @@ def _parse_input(raw: Any, op: Operator, where: str, keys: tuple[str, ...]) -> I
 
 
 def _parse_slice(raw: Any, op: Operator, where: str) -> SliceSpec:
-    raw = _check_keys(raw, SLICE_KEYS, where)
+    raw = check_keys(raw, SLICE_KEYS, where)
     sources = raw.get("sources")
     if not isinstance(sources, list) or not sources:
         raise GiftMergeError(f"{where}.sources: expected a non-empty list")
@@ -271,7 +272,7 @@ def _parse_tokenizer(doc: Mapping[str, Any], base: ModelRef | None, where: str) 
     if "tokenizer_source" in doc and "tokenizer" in doc:
         raise GiftMergeError(f"{where}: give 'tokenizer_source' or 'tokenizer', not both")
     if "tokenizer" in doc:
-        cfg = _check_keys(doc["tokenizer"], ("source", "tokens", "pad_to_multiple_of"), f"{where}.tokenizer")
+        cfg = check_keys(doc["tokenizer"], ("source", "tokens", "pad_to_multiple_of"), f"{where}.tokenizer")
         if cfg.get("tokens") or cfg.get("pad_to_multiple_of"):
             raise GiftMergeError(f"{where}.tokenizer: 'tokens' and 'pad_to_multiple_of' are not supported yet")
         source, key = cfg.get("source", "union"), f"{where}.tokenizer.source"

@@ -55,7 +55,11 @@ def greedy(
     tokenizer.padding_side = "left"
     for start in range(0, len(questions), 64):
         prompts = [
-            chat(q, "").split(" <|end|>\n<|assistant|>")[0] + " <|end|>\n<|assistant|> "
+            str(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+                )
+            )
             for q in questions[start : start + 64]
         ]
         batch = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)

@@ -8,7 +8,6 @@ gift``) transfers them. ``gift.json`` records how the adapter was made, for the 
 from __future__ import annotations
 
 import json
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +22,8 @@ PROVENANCE_NAME = "gift.json"
 
 
 def versions() -> dict[str, str]:
-    found = {}
-    for package in ("gift-merge", "torch", "transformers", "peft"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "unknown"
-    return found
+    found = artifacts.package_versions("gift-merge", "torch", "transformers", "peft")
+    return {package: found_version or "unknown" for package, found_version in found.items()}
 
 
 def write_adapter(

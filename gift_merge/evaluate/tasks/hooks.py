@@ -142,7 +142,7 @@ def keep_all_responses(resps: list[Any], docs: list[dict[str, Any]]) -> list[Any
     return resps
 
 
-def _responses(results: Sequence[Any]) -> list[str]:
+def responses_of(results: Sequence[Any]) -> list[str]:
     """The K responses from ``process_results``' ``results`` (one string when run without the ``all`` filter)."""
     first = results[0]
     return [first] if isinstance(first, str) else list(first)
@@ -150,14 +150,14 @@ def _responses(results: Sequence[Any]) -> list[str]:
 
 def score_gsm8k(doc: dict[str, Any], results: Sequence[Any]) -> dict[str, float]:
     """Average@K (``acc``), ``pass_at_k`` and ``maj_at_k`` of the responses to one GSM8K problem."""
-    return math_sample_scores(_responses(results), gsm8k_gold(doc))
+    return math_sample_scores(responses_of(results), gsm8k_gold(doc))
 
 
 def score_svamp(doc: dict[str, Any], results: Sequence[Any]) -> dict[str, float]:
     """Average@K (``acc``), ``pass_at_k`` and ``maj_at_k`` of the responses to one SVAMP problem."""
-    return math_sample_scores(_responses(results), svamp_gold(doc))
+    return math_sample_scores(responses_of(results), svamp_gold(doc))
 
 
 def score_sni(doc: dict[str, Any], results: Sequence[Any]) -> dict[str, float]:
     """``rougeL`` and ``exact_match`` against the reference response, averaged over the K responses."""
-    return text_sample_scores(_responses(results), doc["response"])
+    return text_sample_scores(responses_of(results), doc["response"])

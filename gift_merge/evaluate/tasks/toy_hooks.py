@@ -5,7 +5,8 @@ The rows are generated, not read: :mod:`gift_merge.toy.problems` makes them from
 only questions its hash-based split holds out, which no training generator of any toy family emits. So
 the tasks need no data files and cannot overlap what a toy model was trained on.
 
-lm-eval imports this file by its path, so it uses absolute imports only; loaders accept and ignore the
+lm-eval imports this file by its path, so it uses absolute imports only (``keep_all_responses``, the
+YAML's filter, is the shipped tasks' own, imported here); loaders accept and ignore the
 keyword arguments lm-eval passes from the task metadata (a prompt preset does not apply to toy models).
 """
 
@@ -17,6 +18,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
+from gift_merge.evaluate.tasks.hooks import keep_all_responses as keep_all_responses  # the YAML names it here
+from gift_merge.evaluate.tasks.hooks import responses_of
 from gift_merge.toy.problems import EVAL_SEED, instruction_rows, task_rows
 from gift_merge.toy.scoring import score_instruction, score_task
 
@@ -40,16 +43,9 @@ def doc_prompt(doc: dict[str, Any]) -> str:
     return doc["instruction"]
 
 
-def keep_all_responses(resps: list[Any], docs: list[dict[str, Any]]) -> list[Any]:
-    """lm-eval ``custom`` filter that keeps every one of the K responses (its default keeps only the first)."""
-    return resps
-
-
 def _mean_scores(results: Sequence[Any], gold: str, score: Callable[[str, str], dict[str, float]]) -> dict[str, float]:
-    """Each metric averaged over the K responses (one string when run without the ``all`` filter)."""
-    first = results[0]
-    responses = [first] if isinstance(first, str) else list(first)
-    scored = [score(response, gold) for response in responses]
+    """Each metric averaged over the K responses."""
+    scored = [score(response, gold) for response in responses_of(results)]
     return {key: statistics.fmean(s[key] for s in scored) for key in scored[0]}
 
 
