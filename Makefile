@@ -3,6 +3,8 @@ PYTHON ?= python3
 # The torch requirement make installs first; where pip would resolve it to a CUDA build, point it at
 # PyTorch's CPU-only wheel index: make TORCH="torch==2.13.0 --index-url <that index>"
 TORCH ?= torch==2.13.0
+# make demo DEMO_ARGS=--smoke: every step shrunk, to check the pipeline in about a minute (what the tests run)
+DEMO_ARGS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -23,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python -m gift_merge.demo
+	$(BIN)/python -m gift_merge.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gift_merge tests benchmarks

@@ -1,7 +1,7 @@
 """How a job's output is cut into blocks of rows: one rule for both engines.
 
-The numpy and torch engines compute an adapter's ΔW for the same blocks of rows with the same product
-(:meth:`AdapterReader.delta_rows_array`), which is what makes their outputs equal bit for bit. Small
+Elementwise methods read their inputs in these blocks, and an adapter's ΔW is formed for one block at a
+time (:func:`gift_merge.operators.adapters.delta_rows`), so the bits of ΔW never depend on the backend. Small
 tensors are one block; large ones a few MB of float32 per input at a time.
 """
 

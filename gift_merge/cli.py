@@ -61,15 +61,17 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where earlier stages of a multi-document recipe go [default: OUT-stages].")  # fmt: skip
 @click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
-              help="numpy: the CPU path without torch (same bytes), all methods but della, nuslerp, multislerp, "
-                   "karcher and sce; torch: everything; auto: numpy where the whole merge allows it.")  # fmt: skip
-@click.option("--strict", is_flag=True, help="Fail (write nothing) when an output tensor holds NaN or ±inf.")
+              help="numpy: the CPU without torch, every method; torch: the torch backend (a GPU's; on the CPU the "
+                   "same bytes); auto: numpy on the CPU, torch only for stored dtypes numpy cannot read.")  # fmt: skip
+@click.option("--strict", is_flag=True, help="Fail (write nothing) when an input or output tensor holds NaN or ±inf.")
+@click.option("--hash-inputs", is_flag=True,
+              help="Record each local input weight file's sha256 in the card (reads the inputs again).")  # fmt: skip
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar or info messages (warnings stay).")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_shard_size: str, overwrite: bool,
         seed: int, workers: int | None, intermediate_dir: Path | None, engine: str, strict: bool,
-        quiet_here: bool) -> None:  # fmt: skip
+        hash_inputs: bool, quiet_here: bool) -> None:  # fmt: skip
     """Merge the models in RECIPE into OUT (or the recipe's `output:`)."""
     from gift_merge.allocator import reuse_large_buffers
     from gift_merge.io.sizes import parse_size
@@ -91,6 +93,7 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
         intermediate_dir=intermediate_dir,
         engine=engine,
         strict=strict,
+        hash_inputs=hash_inputs,
     )
     loaded = load_recipe(recipe)
     destination = run_recipe(loaded, out, options)
@@ -152,27 +155,51 @@ def validate(recipe: Path) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @handle_errors
 def plan(recipe: Path) -> None:
-    """Print the resolved job of every output tensor."""
+    """Print the resolved job of every output tensor, and what the run will cost on this machine."""
+    from gift_merge.allocator import reuse_large_buffers
+    from gift_merge.engine.compute import numpy_unsupported
+    from gift_merge.estimate import (
+        StageEstimate,
+        describe_memory,
+        format_seconds,
+        private_bytes,
+        process_age,
+        substitutes_for,
+    )
     from gift_merge.execute import estimated_peak
-    from gift_merge.merge import plan_recipe
-    from gift_merge.numpy_engine import numpy_unsupported
+    from gift_merge.merge import MergeOptions, estimate, plan_recipe, resolve_output
     from gift_merge.plan import describe_job
     from gift_merge.recipe import load_recipe
     from gift_merge.train.stage import TrainPlan
 
+    reuse_large_buffers()  # the probe runs under the allocator settings `run` uses
     loaded = load_recipe(recipe)
     plans = plan_recipe(loaded)
+    try:
+        out = resolve_output(loaded, None)
+    except GiftMergeError:  # no `output:`: the run's OUT argument decides
+        out = Path.cwd() / "merged"
+    startup, held = process_age(), private_bytes()  # before any probe: what a run holds before it merges
+    substitutes = substitutes_for(plans)
+    seconds, untimed = 0.0, []
     for stage_plan in plans:
         name = stage_plan.stage.name or "final"
         if isinstance(stage_plan, TrainPlan):
             click.echo(f"# stage {name}: {stage_plan.describe()}")
+            untimed.append(f"training {name}")
             continue
         size = stage_plan.output_bytes / 1e9
         click.echo(f"# stage {name}: {stage_plan.operator.name}, {len(stage_plan.jobs)} tensors, {size:.3f} GB")
         why_not = numpy_unsupported(stage_plan, "cpu")
         click.echo(f"# engine on the CPU: {'numpy' if why_not is None else f'torch ({why_not})'}")
-        peak = estimated_peak(stage_plan)
-        click.echo(f"# memory: about {peak / 2**30:.2f} GiB of working sets at the peak, beside the inputs' page cache")
+        found = estimate(stage_plan, out, MergeOptions(), substitutes)
+        click.echo(f"# memory: {describe_memory(held, found, estimated_peak(stage_plan))}")
+        if isinstance(found, StageEstimate):
+            seconds += found.seconds
+            click.echo(f"# time: about {format_seconds(found.seconds)} ({found.describe()})")
+        else:
+            untimed.append(f"stage {name}")
+            click.echo(f"# time: not estimated: {found}; `run` states it when the stage starts")
         for warning in stage_plan.warnings:
             click.echo(f"# warning: {warning}")
         for job in stage_plan.jobs:
@@ -180,14 +207,17 @@ def plan(recipe: Path) -> None:
     total = sum(p.output_bytes for p in plans if not isinstance(p, TrainPlan))
     if total and loaded.compare is None:
         from gift_merge.io.disk import free_bytes
-        from gift_merge.merge import resolve_output
 
-        try:
-            out = resolve_output(loaded, None)
-        except GiftMergeError:  # no `output:`: the run's OUT argument decides
-            out = Path.cwd() / "merged"
         click.echo(
             f"# disk: the outputs need {total / 1e9:.3f} GB; {free_bytes(out.parent) / 1e9:.1f} GB free at {out.parent}"
+        )
+    if seconds:
+        begin = f"start-up and planning {startup:.1f} s (this process), " if startup is not None else ""
+        more = f"; {', '.join(untimed)} not estimated" if untimed else ""
+        evaluation = "; evaluating the arms not estimated" if loaded.compare is not None else ""
+        click.echo(
+            f"# time on this machine: about {format_seconds((startup or 0.0) + seconds)} for `gift-merge run` "
+            f"({begin}merging {format_seconds(seconds)}{more}{evaluation})"
         )
 
 
@@ -199,8 +229,7 @@ def methods() -> None:
 
     for op in OPERATORS.values():
         base = {"required": "needs base_model", "optional": "base_model optional", "ignored": "no base"}[op.base]
-        engine = "numpy or torch" if op.numpy or op.numpy_stream else "torch"
-        click.echo(f"{op.name}: {op.summary} [{base}; {engine}]")
+        click.echo(f"{op.name}: {op.summary} [{base}]")
         if op.paper:
             click.echo(f"    paper: {op.paper}")
         for p in op.params:

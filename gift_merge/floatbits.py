@@ -43,6 +43,11 @@ def narrow(values: np.ndarray, dtype: DType, out: np.ndarray | None = None) -> n
 
     float64 goes through float32 first, as torch's CPU conversion to float16 and bfloat16 does.
     """
+    if dtype == FLOAT64:
+        if out is None:
+            out = np.empty(values.shape, dtype=np.float64)
+        np.copyto(out, values)
+        return out
     if values.dtype == np.float64:
         values = values.astype(np.float32)
     if values.dtype != np.float32:
@@ -69,10 +74,10 @@ def narrow(values: np.ndarray, dtype: DType, out: np.ndarray | None = None) -> n
 def to_math(bits: np.ndarray, stored: DType, math: np.dtype, load: DType | None = None) -> np.ndarray:
     """Stored bits as ``math`` values (float32 or float64), rounded to ``load`` first: the torch path's
     ``tensor.to(load).to(math)``. float64 storage converts directly (one rounding), as ``Tensor.to`` does."""
-    if stored == FLOAT64:
-        if load is not None:
-            raise ValueError("the numpy path does not round float64 inputs to a load dtype")
-        return bits.astype(math, copy=False)
+    if load == FLOAT64 or (stored == FLOAT64 and load is None):  # no rounding: float64 holds every value
+        return (bits if stored == FLOAT64 else to_float32(bits, stored)).astype(math, copy=False)
+    if stored == FLOAT64 and load is not None:
+        return to_float32(narrow(bits, load), load).astype(math, copy=False)
     values = to_float32(bits, stored, load)
     return values.astype(math, copy=False)
 

@@ -16,10 +16,11 @@ from typing import Any
 
 from gift_merge.architecture import detect_layout
 from gift_merge.errors import GiftMergeError
-from gift_merge.execute import choose_engine, execute_plan
-from gift_merge.io import artifacts
+from gift_merge.estimate import RunJobs, StageEstimate, describe_memory, estimate_stage, format_seconds, private_bytes
+from gift_merge.execute import choose_engine, default_workers, estimated_peak, execute_plan
+from gift_merge.io import artifacts, origin
 from gift_merge.io.disk import check_room
-from gift_merge.io.finite import NonFinite
+from gift_merge.io.finite import InputWatch, NonFinite
 from gift_merge.io.locks import output_lock
 from gift_merge.io.writer import atomic_output_folder, check_output_free
 from gift_merge.models import ModelInfo, ModelResolver
@@ -44,7 +45,8 @@ class MergeOptions:
     workers: int | None = None
     intermediate_dir: Path | None = None
     engine: str = "auto"
-    strict: bool = False  # non-finite output values are an error, not a warning
+    strict: bool = False  # non-finite input or output values are an error, not a warning
+    hash_inputs: bool = False  # record the sha256 of every local input weight file (one more read of each)
 
 
 def resolve_output(recipe: Recipe, out: str | Path | None) -> Path:
@@ -208,6 +210,9 @@ def _write_merge(
 ) -> None:
     reference = plan.models[plan.reference]
     check_room(destination.parent, plan.output_bytes, f"stage {label}")
+    if not options.quiet:
+        log_estimate(plan, destination, options, label)
+    watch = InputWatch(strict=options.strict)
     with atomic_output_folder(destination, overwrite=overwrite) as tmp:
         writer = execute_plan(
             plan,
@@ -219,7 +224,9 @@ def _write_merge(
             workers=options.workers,
             label=label,
             engine=options.engine,
+            watch=watch,
         )
+        _report_nonfinite_inputs(watch.found)
         _report_nonfinite(writer.nonfinite, plan, strict=options.strict)
         artifacts.write_json(tmp / "config.json", plan.config)
         artifacts.copy_generation_config(reference.folder, tmp)
@@ -229,10 +236,7 @@ def _write_merge(
         (tmp / artifacts.RECIPE_NAME).write_text(plan.stage.text)
         stage = plan.stage
         recipe_text = full_recipe or stage.text
-        inputs = {
-            m.label: None if m.virtual else str((m.adapter.folder if m.adapter is not None else m.folder).resolve())
-            for m in plan.models.values()
-        }
+        inputs = describe_inputs(plan, hash_files=options.hash_inputs)
         provenance = {
             "gift_merge_version": artifacts.package_versions("gift-merge")["gift-merge"],
             "method": stage.merge_method,
@@ -240,6 +244,8 @@ def _write_merge(
             "engine": choose_engine(plan, options.device, options.engine),
             "device": options.device,
             "inputs": inputs,
+            "hub_inputs": hub_inputs(inputs),
+            "license": origin.agreed_license(_folder_records(inputs)) or None,
             "recipe": recipe_text,
         }
         artifacts.write_json(tmp / artifacts.PROVENANCE_NAME, provenance)
@@ -252,6 +258,121 @@ def _write_merge(
             trained=_training_records(plan),
             provenance=provenance,
         )
+
+
+def stage_runner(options: MergeOptions) -> RunJobs:
+    """Runs jobs of a plan as :func:`_write_merge` does, for the time probe (:mod:`gift_merge.estimate`)."""
+
+    def run_jobs(plan: MergePlan, folder: Path, workers: int) -> object:
+        return execute_plan(
+            plan,
+            folder,
+            max_shard_bytes=options.max_shard_bytes,
+            device=options.device,
+            seed=options.seed,
+            quiet=True,
+            workers=workers,
+            engine=options.engine,  # each job on the backend the merge gives it
+            watch=InputWatch(strict=False),
+        )
+
+    return run_jobs
+
+
+def estimate(
+    plan: MergePlan, destination: Path, options: MergeOptions, substitutes: dict[str, ModelInfo] | None = None
+) -> StageEstimate | str:
+    """The stage's time and memory on this machine (:func:`gift_merge.estimate.estimate_stage`), or why there is
+    no estimate."""
+    return estimate_stage(
+        plan,
+        stage_runner(options),
+        workers=options.workers or default_workers(),
+        device=options.device,
+        engine=options.engine,
+        scratch=destination.parent,
+        substitutes=substitutes,
+        hash_inputs=options.hash_inputs,
+    )
+
+
+def log_estimate(plan: MergePlan, destination: Path, options: MergeOptions, label: str) -> None:
+    """Say at a stage's start what it will cost on this machine: time and peak private memory, from a probe."""
+    held = private_bytes()  # before the probe's own buffers
+    found = estimate(plan, destination, options)
+    modelled = estimated_peak(plan, options.device, options.engine, options.workers)
+    memory = describe_memory(held, found, modelled)
+    if isinstance(found, str):
+        log.info("stage %s: %s; time not estimated: %s", label, memory, found)
+    else:
+        log.info("stage %s: about %s left (%s); %s", label, format_seconds(found.remaining_s), found.describe(), memory)
+
+
+def describe_inputs(plan: MergePlan, *, hash_files: bool = False) -> dict[str, dict[str, Any]]:
+    """Every input of a stage for ``gift_merge.json``: a Hub id at its commit, or a folder with the sizes (with
+    ``hash_files``, the sha256) of its weight files (:func:`gift_merge.io.origin.describe_folder`), and its
+    licence.
+
+    A ``model+adapter`` reference records both folders; an adapter standing as a model records the adapter
+    (its receiving model is an input of its own). Each folder is fingerprinted once.
+    """
+    seen: dict[Path, dict[str, Any]] = {}
+
+    def folder(path: Path) -> dict[str, Any]:
+        path = path.resolve()
+        if path not in seen:
+            seen[path] = origin.describe_folder(path, hash_files=hash_files)
+        return dict(seen[path])
+
+    records: dict[str, dict[str, Any]] = {}
+    for model in plan.models.values():
+        if model.virtual and model.adapter is None:
+            records[model.label] = {"path": None}
+        elif model.adapter is not None and model.adapter_only:
+            records[model.label] = folder(model.adapter.folder)
+        else:
+            records[model.label] = folder(model.folder)
+            if model.adapter is not None:
+                records[model.label]["adapter"] = folder(model.adapter.folder)
+    return records
+
+
+def hub_inputs(records: dict[str, dict[str, Any]]) -> list[dict[str, str | None]]:
+    """Every Hub model behind the inputs, each once: the inputs' own, then those behind earlier stages and
+    trained adapters (their ``gift_merge.json`` / ``gift.json``), so a multi-stage output names them all."""
+    found: dict[tuple[str, str | None], dict[str, str | None]] = {}
+    for record in _folder_records(records):
+        if record.get("hub_id"):
+            entry = {"id": record["hub_id"], "revision": record.get("revision")}
+            found.setdefault((entry["id"], entry["revision"]), entry)
+    for record in _folder_records(records):
+        if record.get("path") and not record.get("hub_id"):
+            for entry in origin.upstream_hub_inputs(Path(record["path"])):
+                found.setdefault((str(entry["id"]), entry["revision"]), entry)
+    return list(found.values())
+
+
+def _folder_records(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The record of every folder read: each input's, and the adapter of a ``model+adapter`` input."""
+    flat = []
+    for record in records.values():
+        flat.append(record)
+        if isinstance(record.get("adapter"), dict):
+            flat.append(record["adapter"])
+    return flat
+
+
+def _report_nonfinite_inputs(lines: list[str]) -> None:
+    """Warn about input tensors holding NaN or ±inf (with ``--strict`` the watch has raised already).
+
+    Said even when the output is finite (rows a vocabulary trim drops never reach it): the model they
+    came from is damaged all the same.
+    """
+    why = "the model is damaged, whether or not the output shows it (--strict refuses)"
+    for line in lines[:5]:
+        log.warning("%s; %s", line, why)
+    if len(lines) > 5:
+        log.warning("%d more input tensors hold non-finite values", len(lines) - 5)
 
 
 def _report_nonfinite(found: dict[str, NonFinite], plan: MergePlan, *, strict: bool) -> None:

@@ -9,7 +9,6 @@ import pytest
 from click.testing import CliRunner
 
 import gift_merge.blocks as blocks
-import gift_merge.execute as execute
 from gift_merge.cli import main
 
 RECIPES = {
@@ -62,53 +61,50 @@ GTA = "merge_method: {method}\nbase_model: {base}\nmodels:\n  - {{model: {math},
 def test_chunked_task_arithmetic_stage_is_bit_identical(
     tmp_path: Path, llama: dict[str, Path], method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gift_merge.operators.gta as gta
+    import gift_merge.operators.base as operator_base
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(GTA.format(method=method, **llama))
-    settings: dict[str, Patches] = {"whole": {(gta, "CHUNK"): 1 << 62}, "chunked": {(gta, "CHUNK"): 333}}
+    settings: dict[str, Patches] = {
+        "whole": {(operator_base, "CHUNK"): 1 << 62},
+        "chunked": {(operator_base, "CHUNK"): 334},
+    }
     outputs = outputs_under(settings, recipe, tmp_path, monkeypatch)
     assert outputs["whole"] == outputs["chunked"]
 
 
-def test_della_ranks_blockwise_are_identical(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    from gift_merge.operators import kernels
-
-    delta = torch.randn(37, 53, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float()  # ties too
-    whole = kernels.della_keep_probabilities(delta, 0.5, 0.1)
-    monkeypatch.setattr(kernels, "DELLA_BLOCK", 100)  # one row per block (53 entries each)
-    assert torch.equal(kernels.della_keep_probabilities(delta, 0.5, 0.1), whole)
-    monkeypatch.setattr(kernels, "DELLA_BLOCK", 500)  # nine rows per block, last block short
-    assert torch.equal(kernels.della_keep_probabilities(delta, 0.5, 0.1), whole)
-
-
 @pytest.mark.parametrize("width", [53, 64, 1])  # odd rows (blocks rounded to even sizes), even rows, columns
 @pytest.mark.parametrize("block", [100, 500, 1 << 18])
-def test_della_mask_drawn_by_blocks_equals_one_whole_draw(
+def test_della_mask_ranked_by_blocks_equals_one_whole_block(
     width: int, block: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The fused mask takes the generator's raw draws in the same order as one tensor-sized draw."""
-    import torch
+    """Blocks of rows take the generator's draws in the same order as one tensor-sized draw, and leave the
+    generator where the whole draw would."""
+    import numpy as np
 
-    from gift_merge.operators import kernels
-    from gift_merge.operators.base import generator_for
+    from gift_merge.dtypes import FLOAT32
+    from gift_merge.engine.backend import NUMPY
+    from gift_merge.operators import della
+    from gift_merge.operators.base import Operands, Output, generator_for
+    from tests.operators.operator_testing import ArraySource
 
-    delta = torch.randn(37, width, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).float()
-    probs = kernels.della_keep_probabilities(delta, 0.5, 0.2)
-    expected = kernels.uniform_like(probs, generator_for(7, "w")) < probs
-    monkeypatch.setattr(kernels, "DELLA_BLOCK", block)
-    generator = generator_for(7, "w")
-    assert torch.equal(kernels.della_keep_mask(delta, 0.5, 0.2, generator), expected)
-    assert (
-        generator.bit_generator.random_raw()
-        == generator_for(7, "w")
-        .bit_generator.advance(  # type: ignore[attr-defined]
-            (delta.numel() + 1) // 2
-        )
-        .random_raw()
-    )  # and leaves the generator where the whole draw would
+    rng = np.random.default_rng(4)
+    magnitude = np.abs(rng.standard_normal(37 * width).astype(np.float32) * 1e-3)
+    magnitude = (magnitude.view(np.uint32) & 0xFFFF0000).view(np.float32)  # bf16 values: many ties
+
+    def keep(rank_block: int) -> tuple[np.ndarray, int]:
+        monkeypatch.setattr(della, "RANK_BLOCK", rank_block)
+        operands = Operands(
+            [ArraySource(magnitude)], ArraySource(np.zeros_like(magnitude)), (37, width), NUMPY,
+            Output(NUMPY, magnitude.size, FLOAT32), generator=generator_for(7, "w"),
+        )  # fmt: skip
+        mask = della.keep_mask(operands, magnitude, 0.5, 0.2)
+        assert operands.generator is not None
+        return mask, int(operands.generator.bit_generator.random_raw())
+
+    whole, after = keep(1 << 62)
+    blocked, blocked_after = keep(block)
+    assert np.array_equal(blocked, whole) and blocked_after == after
 
 
 TIES_VARIANTS = {
@@ -128,7 +124,8 @@ def test_streamed_trims_are_bit_identical(
     """bf16 inputs make many |δ| equal at the cut, so tie handling across slices is exercised too."""
     if method.startswith("della") and variant == "tiny-density":
         pytest.skip("della needs density ≥ epsilon")
-    import gift_merge.operators.gta as gta
+    import gift_merge.operators.base as operator_base
+    import gift_merge.operators.reductions as reductions
 
     first = TIES_VARIANTS[variant].split("\n")[0]
     rest = "\n".join(TIES_VARIANTS[variant].split("\n")[1:])
@@ -140,33 +137,19 @@ def test_streamed_trims_are_bit_identical(
     )
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text.format(**llama))
-    import gift_merge.operators.kernels as kernels
+    import gift_merge.engine.selection as selection
 
-    monkeypatch.setattr(kernels, "_SAMPLE", 32)
-    monkeypatch.setattr(kernels, "REDUCE_BLOCK", 96)  # L1 norms over many blocks, a short last one
+    monkeypatch.setattr(selection, "_SAMPLE", 32)
+    monkeypatch.setattr(reductions, "REDUCE_BLOCK", 96)  # L1 norms over many blocks, a short last one
     # streamed, the magnitude cuts also take the sampled selection (introselect when whole)
+    whole = {(operator_base, "CHUNK"): 1 << 62, (selection, "_GUESS_FROM"): 1 << 62}
+    streamed = {(operator_base, "CHUNK"): 1000, (selection, "_GUESS_FROM"): 64}
     settings: dict[str, Patches] = {
-        "whole": {(blocks, "CHUNK_FROM"): 1 << 62, (gta, "CHUNK"): 1 << 18, (kernels, "_GUESS_FROM"): 1 << 62},
-        "streamed": {(blocks, "CHUNK_FROM"): 1, (gta, "CHUNK"): 1000, (kernels, "_GUESS_FROM"): 64},
+        "whole": {(blocks, "CHUNK_FROM"): 1 << 62, **whole},
+        "streamed": {(blocks, "CHUNK_FROM"): 1, (blocks, "ELEMENTWISE_CHUNK"): 999, **streamed},
     }
     outputs = outputs_under(settings, recipe, tmp_path, monkeypatch)
     assert outputs["whole"] == outputs["streamed"]
-
-
-def test_streamed_path_is_taken(tmp_path: Path, llama: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import gift_merge.operators.ties as ties
-
-    calls = []
-    real = ties.gta_stream
-    monkeypatch.setattr(
-        ties, "gta_stream", lambda stream, cut, consensus: calls.append(1) or real(stream, cut, consensus)
-    )
-    monkeypatch.setattr(blocks, "CHUNK_FROM", 1)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(GTA.format(method="ties", **llama))
-    result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / "out"), "-q", "--engine", "torch"])
-    assert result.exit_code == 0
-    assert len(calls) > 10
 
 
 GLOBAL_STATISTICS = {
@@ -185,41 +168,36 @@ def test_streamed_global_statistics_are_bit_identical(
     tmp_path: Path, llama: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """slerp and model_stock need whole-tensor inner products: streamed, they sum the same blocks."""
-    import gift_merge.operators.gta as gta
-    import gift_merge.operators.kernels as kernels
+    import gift_merge.operators.base as operator_base
+    import gift_merge.operators.reductions as reductions
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(GLOBAL_STATISTICS[name].format(**llama))
-    monkeypatch.setattr(kernels, "REDUCE_BLOCK", 96)  # many blocks, a short last one
-    real_path = execute._Readers.path
-    paths: list[str] = []
-    monkeypatch.setattr(execute._Readers, "path", lambda self, job: paths.append(real_path(self, job)) or paths[-1])
+    monkeypatch.setattr(reductions, "REDUCE_BLOCK", 96)  # many blocks, a short last one
     settings: dict[str, Patches] = {
-        "whole": {(blocks, "CHUNK_FROM"): 1 << 62, (gta, "CHUNK"): 1 << 18},
-        "streamed": {(blocks, "CHUNK_FROM"): 1, (gta, "CHUNK"): 1000},
+        "whole": {(blocks, "CHUNK_FROM"): 1 << 62, (operator_base, "CHUNK"): 1 << 62},
+        "streamed": {(blocks, "CHUNK_FROM"): 1, (operator_base, "CHUNK"): 1000},
     }
-    outputs = {}
-    for label, patches in settings.items():
-        paths.clear()
-        outputs |= outputs_under({label: patches}, recipe, tmp_path, monkeypatch)
-        assert ("stream" in paths) == (label == "streamed")
+    outputs = outputs_under(settings, recipe, tmp_path, monkeypatch)
     assert outputs["whole"] == outputs["streamed"]
 
 
 def test_streamed_dare_rescale_sums_the_same_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The streamed DARE factor (no |δ| buffer) equals, as a float, the one the whole-tensor path computes."""
-    import torch
+    """The streamed DARE factor (no |δ| buffer) equals, as a float, the one taken on a whole |δ| buffer."""
+    import numpy as np
 
-    import gift_merge.operators.gta as gta
-    import gift_merge.operators.kernels as kernels
-    from gift_merge.operators.base import StreamInputs
+    import gift_merge.operators.reductions as reductions
+    from gift_merge.dtypes import FLOAT32
+    from gift_merge.engine.backend import NUMPY
+    from gift_merge.operators.base import Operands, Output
+    from gift_merge.operators.rescale import masked_l1_factor, streamed_l1_factor
+    from tests.operators.operator_testing import ArraySource
 
-    monkeypatch.setattr(kernels, "REDUCE_BLOCK", 96)
-    g = torch.Generator().manual_seed(4)
-    base = torch.randn(20_001, generator=g)  # float32 with full mantissas, so block sums do round
-    tuned = base + torch.randn(20_001, generator=g) * 1e-2
-    keep = torch.rand(20_001, generator=g) < 0.4
-    stream = StreamInputs(tensors=[tuned], base=base, widen=lambda t: t.float(), out_dtype=torch.float32)
-    delta = tuned.float() - base.float()
-    whole = kernels.l1_factor(kernels.blocked_sum(delta.abs()), kernels.blocked_sum((delta * keep).abs()))
-    assert gta._kept_l1_factor(stream, tuned, keep) == whole
+    monkeypatch.setattr(reductions, "REDUCE_BLOCK", 96)
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal(20_001).astype(np.float32)  # full mantissas, so block sums do round
+    tuned = base + (rng.standard_normal(20_001) * 1e-2).astype(np.float32)
+    keep = rng.random(20_001) < 0.4
+    operands = Operands([ArraySource(tuned)], ArraySource(base), (20_001,), NUMPY, Output(NUMPY, 20_001, FLOAT32))
+    whole = masked_l1_factor(NUMPY, np.abs(tuned - base), keep)
+    assert whole is not None and streamed_l1_factor(operands, operands.sources[0], keep) == whole

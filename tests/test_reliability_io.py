@@ -463,6 +463,56 @@ def test_data_not_utf8(tmp_path: Path, llama: dict[str, Path], command: str) -> 
     assert not (tmp_path / "out").exists()
 
 
+# --- train and annotate load models with transformers, after the same header checks ---------------------
+
+
+def damaged_base(tmp_path: Path, llama: dict[str, Path], kind: str) -> tuple[Path, Path, str]:
+    """A copy of the base model with one damage (a random shard, a random cut): the folder, the damaged
+    file, and a piece of the message that names the damage."""
+    rng = random.Random()
+    if kind == "overlap":
+        folder = handmade(llama["base"], tmp_path / "base", overlap_damage)
+        return folder, folder / SINGLE_NAME, "overlaps tensor"
+    folder = tmp_path / "base"
+    shutil.copytree(llama["base"], folder)
+    shard = rng.choice(sorted(folder.glob("*.safetensors")))
+    blob = shard.read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    if kind == "not json":
+        at = 8 + rng.randrange(length)
+        shard.write_bytes(blob[:at] + b"\x00" + blob[at + 1 :])  # a NUL is valid nowhere in JSON
+        return folder, shard, "corrupt safetensors header"
+    shard.write_bytes(blob[: rng.randrange(8 + length, len(blob))])  # cut inside the data
+    return folder, shard, "truncated"
+
+
+GOOD_ROWS = b"".join(
+    json.dumps({"instruction": f"{i}+{i}?", "response": str(2 * i)}).encode() + b"\n" for i in range(8)
+)
+
+
+@pytest.mark.parametrize("kind", ["not json", "truncated", "overlap"])
+@pytest.mark.parametrize("command", ["train", "annotate"])
+def test_train_and_annotate_refuse_a_damaged_checkpoint_in_one_line(
+    tmp_path: Path, llama: dict[str, Path], command: str, kind: str
+) -> None:
+    """transformers used to end these in safetensors' own message and a traceback, exit 1."""
+    folder, damaged, needle = damaged_base(tmp_path, llama, kind)
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(GOOD_ROWS)
+    model = ["--instruct" if command == "annotate" else "--base", str(folder)]
+    result = invoke(command, *model, "--data", str(data), "--out", str(tmp_path / "out"), "--device", "cpu")
+    one_line_error(result, f"error: {damaged}: ", needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_checks_the_base_before_reading_the_data(tmp_path: Path, llama: dict[str, Path]) -> None:
+    folder, damaged, needle = damaged_base(tmp_path, llama, "truncated")
+    missing = tmp_path / "no-such-data.jsonl"
+    result = invoke("train", "--base", str(folder), "--data", str(missing), "--out", str(tmp_path / "out"))
+    one_line_error(result, f"error: {damaged}: ", needle)
+
+
 # --- the merged model's config.json ----------------------------------------------------------------------
 
 

@@ -107,7 +107,10 @@ def test_the_final_output_says_how_to_rebuild_it(workspace: Path, caplog: pytest
     record = json.loads((final / "gift_merge.json").read_text())
     assert record["recipe"] == (workspace / "r.yaml").read_text()
     assert record["seed"] == 0 and record["engine"] in ("numpy", "torch") and record["gift_merge_version"]
-    assert record["inputs"] == {"soup": str(workspace / "final-stages" / "soup")}
+    (soup,) = record["inputs"].values()
+    assert soup["path"] == str(workspace / "final-stages" / "soup")
+    soup_weights = workspace / "final-stages" / "soup" / "model.safetensors"
+    assert soup["files"]["model.safetensors"] == f"bytes:{soup_weights.stat().st_size}"
     card = (final / "README.md").read_text()
     assert "base_model_relation: merge" in card
     assert "name: soup" in card and "model: soup" in card  # both documents

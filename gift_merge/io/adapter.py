@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -166,53 +166,13 @@ class AdapterReader:
     def read(self, name: str) -> torch.Tensor:
         return self._tensors.read(name)
 
-    def delta(self, patch: Patch, weight: torch.Tensor) -> torch.Tensor:
-        """The change peft's merge makes to ``weight`` (fp32 or fp64 in, same dtype out)."""
-        dtype = weight.dtype
-        if not patch.additive:  # relative to this very weight: computed in fp64
-            return (self.patched(patch, weight.double()) - weight.double()).to(dtype)
-        return self.delta_rows(patch, slice(None), weight)
-
-    def delta_rows(self, patch: Patch, rows: slice, like: torch.Tensor) -> torch.Tensor:
-        """Rows ``rows`` of an additive patch's delta, in ``like``'s dtype and device.
-
-        Lets the executor stream a transfer block of rows by block of rows: only ``rows × in`` of ΔW
-        exists at a time, never the whole matrix. On the CPU this is :meth:`delta_rows_array`, so the torch
-        and numpy engines form every block of ΔW with one and the same product.
-        """
-        if like.device.type == "cpu":
-            return torch.from_numpy(self.delta_rows_array(patch, rows, like.numpy().dtype))
-        device, dtype = like.device, like.dtype
-        return _rows_of_product(
-            patch, rows, lambda name, part: self.read(name or "")[part].to(device=device, dtype=dtype)
-        )
-
-    def delta_rows_array(self, patch: Patch, rows: slice, dtype: np.dtype) -> np.ndarray:
-        """:meth:`delta_rows` in numpy, in ``dtype`` (float32 or float64): the CPU's one implementation."""
-
-        def widened(name: str | None, part: tuple[slice, ...]) -> np.ndarray:
-            info = self._tensors.info(name or "")
+    def factor(self, name: str | None, part: tuple[slice, ...], dtype: Any) -> Any:
+        """Part of one tensor of the adapter file, widened to ``dtype``: a numpy dtype gives a numpy array
+        (the CPU's merge path, no torch), a torch dtype a tensor on the CPU (the caller moves it)."""
+        info = self._tensors.info(name or "")
+        if isinstance(dtype, np.dtype):
             return to_math(self._tensors.read_array(info.name)[part], info.dtype, dtype)
-
-        return _rows_of_product(patch, rows, widened)
-
-    def patched(self, patch: Patch, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` after peft's ``merge_and_unload`` of this patch."""
-        if patch.kind == "replace":
-            return self.read(patch.extra or "").to(device=weight.device, dtype=weight.dtype)
-        if patch.base_layer is not None:
-            weight = self.read(patch.base_layer).to(device=weight.device, dtype=weight.dtype)
-            patch = replace(patch, base_layer=None)
-        if patch.kind != "dora":
-            return weight + self.delta(patch, weight)
-        lora = Patch("lora", patch.module, patch.scale, patch.a, patch.b, fan_in_fan_out=patch.fan_in_fan_out)
-        merged = weight + self.delta(lora, weight)
-        oriented = merged.T if patch.fan_in_fan_out else merged  # (out, in)
-        magnitude = self.read(patch.extra or "").to(device=weight.device, dtype=weight.dtype).reshape(-1)
-        # sum of squares, not linalg.vector_norm: the latter's CPU float32 reduction loses digits on long rows
-        factor = (magnitude / oriented.square().sum(dim=1).sqrt()).unsqueeze(1)
-        result = factor * oriented
-        return result.T if patch.fan_in_fan_out else result
+        return self._tensors.read(info.name)[part].to(dtype)
 
     def check_against(self, shapes: Mapping[str, tuple[int, ...]], model_label: str) -> dict[str, Patch]:
         """Map every patch onto ``model_label``'s tensors; missing targets and shape mismatches are errors.
@@ -253,19 +213,6 @@ class AdapterReader:
             out = (b[0], a[1])
             return (out[1], out[0]) if patch.kind == "embedding" or patch.fan_in_fan_out else out
         return info(patch.extra or "").shape
-
-
-def _rows_of_product(patch: Patch, rows: slice, widened: Callable[[str | None, tuple[slice, ...]], Any]) -> Any:
-    """Rows ``rows`` of an additive patch's ΔW, from its factors as ``widened`` (name, slices) returns them:
-    torch tensors or numpy arrays alike, since only the part of a factor the rows need is converted."""
-    if not patch.additive:
-        raise ValueError(f"module {patch.module}: only additive patches can be computed by rows")
-    if patch.kind == "bias":
-        return widened(patch.extra, (rows,)) * patch.scale
-    if patch.kind == "embedding" or patch.fan_in_fan_out:
-        # stored (in, out) (embeddings, GPT-2 Conv1D): its rows are columns of B·A
-        return (widened(patch.b, (slice(None),)) @ widened(patch.a, (slice(None), rows))).T * patch.scale
-    return (widened(patch.b, (rows,)) @ widened(patch.a, (slice(None),))) * patch.scale  # (out, r) @ (r, in)
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:

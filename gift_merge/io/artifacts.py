@@ -9,12 +9,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.chat_templates import BUILTIN_TEMPLATES
+from gift_merge.io.origin import LICENSE_KEYS
 
 RECIPE_NAME = "gift_merge_recipe.yaml"
 PROVENANCE_NAME = "gift_merge.json"
-"""How an output was made, for machines: gift-merge's version, method, seed, engine, input folders, recipe."""
+"""How an output was made, for machines: gift-merge's version, method, seed, engine, each input (a Hub id at its
+commit, or a folder with its weight files' fingerprints), the Hub models behind them, their licence, the recipe."""
 
 
 def package_versions(*packages: str) -> dict[str, str | None]:
@@ -125,42 +129,63 @@ def write_model_card(
 ) -> None:
     """A README naming the inputs and the method, with the recipe verbatim, as the Hub expects.
 
-    ``trained`` maps an adapter input to the ``gift.json`` its trainer wrote, so the card says how the
-    transferred adapter was made (GIFT or SFT, on which base, from which data).
+    The front matter comes from ``provenance`` (what ``gift_merge.json`` holds): ``base_model`` lists every
+    Hub model behind the output (the Hub links the card to them; revisions go in the text, since the field
+    takes ids only), and ``license`` appears only when every input declares the same one. ``trained`` maps
+    an adapter input to the ``gift.json`` its trainer wrote, so the card says how the transferred adapter
+    was made (GIFT or SFT, on which base, from which data).
     """
-    hub_ids = [m for m in [base, *inputs] if m and "/" in m and not m.startswith((".", "/", "~"))]
+    record = dict(provenance or {})
+    hub = [entry["id"] for entry in record.get("hub_inputs") or []]
     lines = ["---"]
-    if hub_ids:
+    if hub:
         lines.append("base_model:")
-        lines += [f"- {m}" for m in dict.fromkeys(hub_ids)]
-    lines += [
-        "base_model_relation: merge",
-        "library_name: transformers",
-        "tags:",
-        "- gift-merge",
-        "- merge",
-        "---",
-        "",
-        "# Merged model",
-        "",
-    ]
+        lines += [f"- {m}" for m in dict.fromkeys(hub)]
+    lines += ["base_model_relation: merge", "library_name: transformers"]
+    licence = record.get("license") or {}
+    lines += [yaml.safe_dump({key: licence[key]}, allow_unicode=True).strip() for key in LICENSE_KEYS if key in licence]
+    lines += ["tags:", "- gift-merge", "- merge", "---", "", "# Merged model", ""]
     lines.append(f"This model was merged with gift-merge using the `{method}` method"
                  + (f" with `{base}` as the base." if base else "."))  # fmt: skip
-    folders = dict((provenance or {}).get("inputs") or {})
+    described = dict(record.get("inputs") or {})
     lines += ["", "## Inputs", ""]
-    lines += [
-        f"- `{m}`" + (f" (`{folders[m]}`)" if folders.get(m) and folders[m] != m else "") for m in dict.fromkeys(inputs)
-    ]
+    for label in dict.fromkeys(inputs):
+        lines += _input_lines(label, described.get(label))
+    behind = [e for e in record.get("hub_inputs") or [] if not any(
+        isinstance(d, dict) and d.get("hub_id") == e["id"] for d in described.values())]  # fmt: skip
+    if behind:
+        lines += ["", "Hub models behind the inputs (earlier stages, trained adapters):", ""]
+        lines += [f"- `{e['id']}`" + (f" at revision `{e['revision']}`" if e.get("revision") else "") for e in behind]
     if provenance:
         lines += [
             "",
-            f"Made with gift-merge {provenance.get('gift_merge_version')}, seed {provenance.get('seed')}, "
-            f"engine {provenance.get('engine')} on {provenance.get('device')}; `{PROVENANCE_NAME}` records the same.",
+            f"Made with gift-merge {record.get('gift_merge_version')}, seed {record.get('seed')}, "
+            f"engine {record.get('engine')} on {record.get('device')}; `{PROVENANCE_NAME}` records the same.",
         ]
-    for label, record in (trained or {}).items():
-        lines += ["", f"## How `{label}` was trained", "", *_training_lines(record)]
+    for label, trained_record in (trained or {}).items():
+        lines += ["", f"## How `{label}` was trained", "", *_training_lines(trained_record)]
     lines += ["", "## Recipe", "", "```yaml", recipe_text.strip(), "```", ""]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _input_lines(label: str, record: Mapping[str, Any] | None) -> list[str]:
+    """One input of the card: a Hub id at its revision, or a folder and the fingerprint of each weight file."""
+    if not record or not record.get("path"):
+        return [f"- `{label}`"]
+    lines = [f"- `{label}`: " + _where(record)]
+    if isinstance(record.get("adapter"), Mapping):
+        lines.append(f"  - adapter: {_where(record['adapter'])}")
+    return lines
+
+
+def _where(record: Mapping[str, Any]) -> str:
+    if record.get("hub_id"):
+        text = f"`{record['hub_id']}` on the Hub at revision `{record.get('revision')}`"
+    else:
+        files = record.get("files") or {}
+        hashes = "; ".join(f"`{name}` {digest}" for name, digest in files.items())
+        text = f"`{record['path']}`" + (f" ({hashes})" if hashes else "")
+    return text + (f", licence {record['license']}" if record.get("license") else "")
 
 
 def write_adapter_card(out: Path, record: Mapping[str, Any], log: Sequence[Mapping[str, Any]]) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 from gift_merge.errors import GiftMergeError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
+# README.md: the model card, whose front matter declares the licence the merged model's card repeats
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken", "README.md"]
 
 
 def locate(reference: str, revision: str | None = None, *, relative_to: Path | None = None) -> Path:

@@ -8,6 +8,10 @@ even a stray in-place write could never reach the file.
 Opening a checkpoint checks every header against its file as strictly as the safetensors library does
 (see :func:`read_header`), and a sharded checkpoint's index against its shards, so a damaged input fails
 every command before any output exists, at the cost of reading the headers and the file sizes.
+
+A merge gives its readers an :class:`~gift_merge.io.finite.InputWatch`: every tensor read through
+:meth:`CheckpointReader.read` or :meth:`CheckpointReader.read_array` (the only ways both engines read
+weights) is then counted for NaN and ±inf, once per run, however many blocks or jobs read it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from gift_merge.dtypes import BY_CODE, DType, of
 from gift_merge.errors import GiftMergeError
+from gift_merge.io.finite import InputWatch
 from gift_merge.lazy import torch
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -342,10 +347,12 @@ def read_index(index: Path) -> dict[str, str]:
 
 
 class CheckpointReader:
-    """One model folder's tensors, opened lazily and read-only."""
+    """One model folder's tensors, opened lazily and read-only; with a ``watch``, every tensor read is
+    counted for NaN and ±inf (see :class:`~gift_merge.io.finite.InputWatch`)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, watch: InputWatch | None = None) -> None:
         self.folder = Path(folder)
+        self.watch = watch
         self._pickled_files: dict[Path, dict[str, torch.Tensor]] = {}
         self._infos = self._scan()
         self._maps: dict[Path, mmap.mmap] = {}
@@ -437,8 +444,12 @@ class CheckpointReader:
         """One tensor, as a view of its shard's private memory map."""
         info = self.info(name)
         if info.file in self._pickled_files:
-            return self._pickled_files[info.file][name].clone()
+            tensor = self._pickled_files[info.file][name].clone()
+            if self.watch is not None:
+                self._count(info, tensor.reshape(-1).view(torch.uint8).numpy())
+            return tensor
         mapped, offset = self._checked_map(info)
+        self._count_mapped(info, mapped, offset)
         if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype.torch)
         flat = torch.frombuffer(mapped, dtype=info.dtype.torch, count=info.numel, offset=offset)
@@ -452,9 +463,25 @@ class CheckpointReader:
             tensor = self._pickled_files[info.file][name].contiguous()
             if info.dtype.storage.kind == "u" and info.dtype.is_floating_point:
                 tensor = tensor.view(getattr(torch, f"int{8 * info.dtype.itemsize}"))
-            return tensor.numpy().view(info.dtype.storage).reshape(info.shape)
+            bits = tensor.numpy().view(info.dtype.storage).reshape(info.shape)
+            self._count(info, bits.reshape(-1).view(np.uint8))
+            return bits
         mapped, offset = self._checked_map(info)
+        self._count_mapped(info, mapped, offset)
         return np.frombuffer(mapped, dtype=info.dtype.storage, count=info.numel, offset=offset).reshape(info.shape)
+
+    def _count_mapped(self, info: TensorInfo, mapped: mmap.mmap, offset: int) -> None:
+        if self.watch is not None and info.numel:
+            self._count(info, np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=offset))
+
+    def _count(self, info: TensorInfo, data: np.ndarray) -> None:
+        """Hand the whole stored tensor (``data``: its bytes) to the watch, which counts each tensor once.
+
+        The whole tensor, not the rows or block a caller asked for: a merge reads a large tensor a block of
+        rows at a time, and the count is of the input file, so rows a vocabulary trim drops count too.
+        """
+        if self.watch is not None:
+            self.watch.check(info.file, info.name, info.dtype, data)
 
     def _checked_map(self, info: TensorInfo) -> tuple[mmap.mmap, int]:
         """The shard's map and the tensor's offset in it, after checking the file holds all its bytes."""

@@ -8,13 +8,17 @@ operator never sees a recipe, a file or a layer index: only tensors and plain nu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from gift_merge.lazy import torch
+from gift_merge import blocks
+from gift_merge.dtypes import DType
+
+if TYPE_CHECKING:
+    from gift_merge.engine.backend import Backend
 
 
 class _Required:
@@ -51,18 +55,17 @@ class Param:
 
 
 Array = TypeVar("Array")
-"""``torch.Tensor`` for :attr:`Operator.apply`, ``numpy.ndarray`` for :attr:`Operator.numpy`."""
+"""``numpy.ndarray`` on the CPU backend, ``torch.Tensor`` on a device backend."""
 
 
 @dataclass(frozen=True)
 class MergeInputs(Generic[Array]):
-    """Everything an operator needs to compute one output tensor.
+    """One block of an elementwise method's inputs (:func:`elementwise`): the same entries of every input.
 
-    ``tensors`` are the inputs other than the base, in recipe order, already on the compute device and
-    in the compute dtype (float32 unless the recipe says otherwise). ``model_params[i]`` holds the
-    per-model parameters of ``tensors[i]`` with defaults filled in; ``params`` the per-tensor ones.
-    Inputs must not be modified: the executor may hand the same tensor to several jobs (and the numpy
-    path hands float32 inputs over as views of the file's memory map).
+    ``tensors`` are the inputs other than the base, in recipe order, on the backend's device and in the
+    math dtype (float32 unless an input is float64). ``model_params[i]`` holds the per-model parameters of
+    ``tensors[i]`` with defaults filled in; ``params`` the per-tensor ones. Inputs must not be modified:
+    float32 inputs are views of the file's memory map.
     """
 
     tensors: Sequence[Array]
@@ -71,55 +74,119 @@ class MergeInputs(Generic[Array]):
     params: Mapping[str, Any] = field(default_factory=dict)
     generator: np.random.Generator | None = None
     tensor_name: str = ""
+    backend: Any = None  # the Backend the arrays belong to, for methods that call more than operators
+
+
+CHUNK = 1 << 18
+"""Entries per flat slice a method reads at a time: 1 MB of float32, cache-resident, and even (so random
+draws taken slice by slice consume the generator exactly as one whole draw)."""
+
+
+Read = TypeVar("Read", covariant=True)
+
+
+class Source(Protocol[Read]):
+    """One input of one output tensor, read a flat slice at a time in the math dtype (float32, or float64
+    for float64 inputs), with its adapter's change already applied. What ``read`` returns may be a view of
+    the file: methods never modify it in place."""
+
+    def read(self, part: slice) -> Read: ...
+
+
+class Output(Generic[Array]):
+    """The output tensor's flat buffer, in its stored dtype; ``write`` rounds math values into a slice."""
+
+    def __init__(self, backend: Backend, count: int, dtype: DType) -> None:
+        self.backend = backend
+        self.dtype = dtype
+        self.values = backend.output(count, dtype)
+
+    def write(self, part: slice, values: Array) -> None:
+        self.backend.store(values, self.dtype, self.values[part])
 
 
 @dataclass(frozen=True)
-class StreamInputs(Generic[Array]):
-    """What a streaming operator gets: inputs still in their stored dtype, flattened, never widened whole.
+class Operands(Generic[Array]):
+    """One output tensor's merge as a method sees it: its inputs as :class:`Source` objects (``sources``
+    in recipe order, then ``base``), its shape, the parameters resolved for it, a generator for random
+    methods, the :class:`Backend` to compute with and the :class:`Output` to fill.
 
-    ``widen`` turns a slice of any of them into the compute dtype on the compute device, exactly as the
-    executor would have converted the whole tensor, so a streaming implementation can match the whole-tensor
-    ``apply`` bit for bit while holding only slices in fp32. For :attr:`Operator.numpy_stream` the inputs
-    are stored bits (bf16 as uint16) and ``out_dtype`` is a :class:`gift_merge.dtypes.DType`, which the
-    kernel rounds to with :func:`gift_merge.floatbits.narrow`.
+    A method reads its inputs in slices (:meth:`chunks`, or :meth:`row_chunks` for whole rows), so no
+    input is ever widened whole; a method that needs a whole-tensor statistic (a magnitude cut, a norm,
+    an inner product) takes it in a first pass over slices and mixes in a second.
     """
 
-    tensors: Sequence[Array]
-    base: Array
-    widen: Callable[[Array], Array]
-    out_dtype: Any
-    shape: tuple[int, ...] = ()  # the tensor's shape, for statistics taken along rows
+    sources: Sequence[Source[Array]]
+    base: Source[Array] | None
+    shape: tuple[int, ...]
+    backend: Backend
+    out: Output[Array]
     model_params: Sequence[Mapping[str, Any]] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
     generator: np.random.Generator | None = None
     tensor_name: str = ""
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    def chunks(self, size: int | None = None) -> Iterator[slice]:
+        """Flat slices of ``size`` entries (:data:`CHUNK` unless given), in order."""
+        size = size or CHUNK
+        for start in range(0, self.numel, size):
+            yield slice(start, min(start + size, self.numel))
+
+    def row_chunks(self) -> Iterator[slice]:
+        """Flat slices of whole rows, :mod:`gift_merge.blocks`' blocks: the blocks an adapter's ΔW is formed
+        in, so elementwise methods see the same ΔW bits whatever else runs."""
+        width = self.numel // self.shape[0] if self.shape and self.shape[0] else 1
+        for rows in blocks.row_blocks(self.shape):
+            start = (rows.start or 0) * width
+            yield slice(start, min(rows.stop * width, self.numel) if self.shape else self.numel)
+
+
+def elementwise(mix: Callable[[MergeInputs[Any]], Any]) -> Callable[[Operands[Any]], None]:
+    """A method whose every output entry depends only on the same entry of its inputs, as a merge: ``mix``
+    (written once, for one block of values) applied to each block of rows."""
+
+    def merge(operands: Operands[Any]) -> None:
+        base = operands.base
+        for part in operands.row_chunks():
+            block = MergeInputs(
+                tensors=[source.read(part) for source in operands.sources],
+                base=base.read(part) if base is not None else None,
+                model_params=operands.model_params,
+                params=operands.params,
+                tensor_name=operands.tensor_name,
+                backend=operands.backend,
+            )
+            operands.out.write(part, mix(block))
+
+    merge.__module__, merge.__name__, merge.__doc__ = mix.__module__, mix.__name__, mix.__doc__
+    return merge
 
 
 @dataclass(frozen=True)
 class Operator:
     """A registered merge method.
 
-    ``base`` says how the recipe's ``base_model`` takes part: ``required`` (it is ``MergeInputs.base``
-    and must exist), ``optional`` (``base`` when the recipe names one, else ``None``) or ``ignored``
-    (no separate base: a base model listed under ``models`` is just another input).
-    ``min_models``/``max_models`` count the non-base inputs. ``random`` operators get a generator seeded
-    by (seed, tensor name). ``check`` validates the combination of resolved parameters for one tensor
-    and returns an error message or ``None``. ``deltas`` operators receive each input's change to the
-    base (an adapter's exact ΔW) instead of a full tensor, so nothing is lost to ``(θ_b + ΔW) − θ_b``.
-    ``elementwise`` operators compute each entry from the same entry of the inputs, with no statistic over
-    the whole tensor, so the executor may hand them matching slices of a large tensor one at a time.
-    ``stream``, where given, computes the same result as ``apply`` from :class:`StreamInputs` for large
-    tensors, holding whole-tensor statistics but only slices of the inputs in the compute dtype.
-    ``numpy``, where given (elementwise operators only), is ``apply`` on numpy arrays (float32, or float64
-    where an input carries an adapter) with the same roundings in the same order, so a merge of such
-    operators can run without importing torch (``gift_merge.numpy_engine``); ``numpy_stream`` is
-    ``stream`` in numpy, returning the output's bits, and serves tensors of every size. The numpy engine
-    uses them wherever a whole merge allows; tests/test_numpy_path.py holds every one to the torch path's
-    bytes.
+    ``merge`` is the method's only implementation: it fills ``Operands.out`` from ``Operands``' sources,
+    slice by slice, on whichever backend the engine gives it. ``base`` says how the recipe's ``base_model``
+    takes part: ``required`` (it is ``Operands.base`` and must exist), ``optional`` (``base`` when the
+    recipe names one, else ``None``) or ``ignored`` (no separate base: a base model listed under
+    ``models`` is just another input). ``min_models``/``max_models`` count the non-base inputs.
+    ``random`` methods get a generator seeded by (seed, tensor name). ``check`` validates the combination
+    of resolved parameters for one tensor and returns an error message or ``None``. ``deltas`` methods
+    receive each input's change to the base (an adapter's exact ΔW) instead of a full tensor, so nothing is
+    lost to ``(θ_b + ΔW) − θ_b``. ``elementwise`` methods compute each entry from the same entry of the
+    inputs and read them in blocks of whole rows, so an adapter's ΔW is formed a block of rows at a time.
     """
 
     name: str
-    apply: Callable[[MergeInputs[torch.Tensor]], torch.Tensor]
+    merge: Callable[[Operands[Any]], None]
     params: tuple[Param, ...] = ()
     base: BaseRole = "required"
     min_models: int = 1
@@ -130,9 +197,6 @@ class Operator:
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
     deltas: bool = False
     elementwise: bool = False
-    stream: Callable[[StreamInputs[torch.Tensor]], torch.Tensor] | None = None
-    numpy: Callable[[MergeInputs[np.ndarray]], np.ndarray] | None = None
-    numpy_stream: Callable[[StreamInputs[np.ndarray]], np.ndarray] | None = None
 
     @property
     def global_params(self) -> tuple[Param, ...]:

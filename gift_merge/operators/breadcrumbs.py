@@ -21,15 +21,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from gift_merge.lazy import torch
-
-from . import gta_numpy
-from .base import MergeInputs, Operator, Param, StreamInputs
+from .base import Operands, Operator, Param, Source
 from .checks import interval
-from .gta import KeepMask, gta_merge, gta_params, gta_stream, l1_factor, magnitudes
-from .kernels import breadcrumbs_mask, masked
+from .gta import Cut, MaskCut, gta_merge, gta_params, magnitudes
+from .rescale import masked_l1_factor
+from .selection import top_k
 
 PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -43,52 +39,44 @@ GAMMA = Param(
 
 
 def outlier_cut(
-    stream: StreamInputs, tensor: torch.Tensor, model_params: Mapping[str, Any], rescale: bool
-) -> KeepMask | None:
-    """:func:`outlier_trim` for streaming: the same mask, built on the |δ| buffer."""
+    operands: Operands[Any], source: Source[Any], model_params: Mapping[str, Any], rescale: bool
+) -> Cut | None:
+    """Keep the |δ| ranks [n_top, n_top + target) of the module docstring, decided on a |δ| buffer."""
     density = float(model_params["density"])
     if density >= 1:
         return None
-    magnitude = magnitudes(stream, tensor)
-    keep = breadcrumbs_mask(magnitude.view(stream.shape), density, float(model_params["gamma"])).reshape(-1)
-    return KeepMask(keep, l1_factor(magnitude, keep) if rescale else None)
+    backend = operands.backend
+    magnitude = magnitudes(operands, source)
+    n = operands.numel
+    target = int(density * n)
+    n_top = min(int(float(model_params["gamma"]) * n), n - target)
+    keep = top_k(backend, magnitude, n_top + target)
+    keep &= ~top_k(backend, magnitude, n_top)
+    return MaskCut(keep, masked_l1_factor(backend, magnitude, keep) if rescale else None)
 
 
-def outlier_trim(
-    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: np.random.Generator | None
-) -> torch.Tensor:
-    density = float(model_params["density"])
-    if density >= 1:
-        return delta
-    return masked(delta, breadcrumbs_mask(delta, density, float(model_params["gamma"])), rescale)
+def breadcrumbs_merge(operands: Operands[Any]) -> None:
+    gta_merge(operands, outlier_cut, consensus=False)
 
 
-def breadcrumbs_merge(inputs: MergeInputs) -> torch.Tensor:
-    return gta_merge(inputs, sparsify=outlier_trim, consensus=False)
-
-
-def breadcrumbs_ties_merge(inputs: MergeInputs) -> torch.Tensor:
-    return gta_merge(inputs, sparsify=outlier_trim, consensus=True)
+def breadcrumbs_ties_merge(operands: Operands[Any]) -> None:
+    gta_merge(operands, outlier_cut, consensus=True)
 
 
 BREADCRUMBS = Operator(
     name="breadcrumbs",
-    apply=breadcrumbs_merge,
+    merge=breadcrumbs_merge,
     params=gta_params(normalize=False, rescale=False, extra=(GAMMA,)),
     base="required",
     summary="Drop each task vector's outliers and small entries, then add the weighted task vectors.",
     paper=PAPER,
-    stream=lambda stream: gta_stream(stream, outlier_cut, consensus=False),
-    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.outlier_cut, consensus=False),
 )
 
 BREADCRUMBS_TIES = Operator(
     name="breadcrumbs_ties",
-    apply=breadcrumbs_ties_merge,
+    merge=breadcrumbs_ties_merge,
     params=gta_params(normalize=False, rescale=False, extra=(GAMMA,)),
     base="required",
     summary="Breadcrumbs pruning followed by TIES sign election and disjoint merge.",
     paper=PAPER,
-    stream=lambda stream: gta_stream(stream, outlier_cut, consensus=True),
-    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.outlier_cut, consensus=True),
 )

@@ -20,65 +20,54 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from gift_merge.lazy import torch
-
-from . import gta_numpy
-from .base import MergeInputs, Operator, StreamInputs
-from .gta import gta_merge, gta_params, gta_stream, random_cut
-from .kernels import masked, random_drop_mask
+from . import draws
+from .base import Operands, Operator, Source
+from .gta import Cut, MaskCut, gta_merge, gta_params
+from .rescale import streamed_l1_factor
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
 
-def random_drop(
-    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: np.random.Generator | None
-) -> torch.Tensor:
-    """Keep each entry with probability ρ; the draw is consumed even at ρ = 1 (see kernels)."""
+def random_cut(
+    operands: Operands[Any], source: Source[Any], model_params: Mapping[str, Any], rescale: bool
+) -> Cut | None:
+    """Keep each entry with probability ρ: m ~ Bernoulli(ρ) drawn slice by slice (:mod:`draws`; consumed
+    even at ρ ≥ 1), kept as a bool mask; the rescale's norms are summed as |δ| is formed, with no buffer."""
     density = float(model_params["density"])
-    mask = random_drop_mask(delta, density, generator)
     if density >= 1:
-        return delta
-    return masked(delta, mask, rescale)
+        draws.skip_draws(operands.generator, operands.numel)
+        return None
+    backend = operands.backend
+    keep = backend.empty(operands.numel, "bool")
+    for part in operands.chunks():  # small draws stay in cache; even lengths keep the whole draw's order
+        keep[part] = backend.from_host(draws.bernoulli(operands.generator, part.stop - part.start, density))
+    return MaskCut(keep, streamed_l1_factor(operands, source, keep) if rescale else None)
 
 
-def dare_linear_merge(inputs: MergeInputs) -> torch.Tensor:
-    return gta_merge(inputs, sparsify=random_drop, consensus=False)
+def dare_linear_merge(operands: Operands[Any]) -> None:
+    gta_merge(operands, random_cut, consensus=False)
 
 
-def dare_linear_stream(stream: StreamInputs) -> torch.Tensor:
-    return gta_stream(stream, random_cut, consensus=False)
-
-
-def dare_ties_stream(stream: StreamInputs) -> torch.Tensor:
-    return gta_stream(stream, random_cut, consensus=True)
-
-
-def dare_ties_merge(inputs: MergeInputs) -> torch.Tensor:
-    return gta_merge(inputs, sparsify=random_drop, consensus=True)
+def dare_ties_merge(operands: Operands[Any]) -> None:
+    gta_merge(operands, random_cut, consensus=True)
 
 
 DARE_LINEAR = Operator(
     name="dare_linear",
-    apply=dare_linear_merge,
+    merge=dare_linear_merge,
     params=gta_params(normalize=False, rescale=True),
     base="required",
     random=True,
     summary="Randomly drop delta entries, rescale, then add the weighted task vectors.",
     paper=PAPER,
-    stream=dare_linear_stream,
-    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.random_cut, consensus=False),
 )
 
 DARE_TIES = Operator(
     name="dare_ties",
-    apply=dare_ties_merge,
+    merge=dare_ties_merge,
     params=gta_params(normalize=False, rescale=True),
     base="required",
     random=True,
     summary="Randomly drop delta entries, rescale, then TIES sign election and disjoint merge.",
     paper=PAPER,
-    stream=dare_ties_stream,
-    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.random_cut, consensus=True),
 )

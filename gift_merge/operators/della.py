@@ -29,12 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from gift_merge.lazy import torch
-
-from .base import MergeInputs, Operator, Param, StreamInputs
+from . import draws
+from .base import Operands, Operator, Param, Source
 from .checks import interval
-from .gta import KeepMask, gta_merge, gta_params, gta_stream, l1_factor, magnitudes
-from .kernels import della_keep_mask, masked, skip_draws
+from .gta import Cut, MaskCut, gta_merge, gta_params, magnitudes
+from .rescale import masked_l1_factor
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -46,31 +45,49 @@ EPSILON = Param(
     check=interval("epsilon", 0.0, float("inf")),
 )
 
+RANK_BLOCK = 1 << 18
+"""Entries ranked at once: rows are independent, so the sort keys exist for one block (a few MB)."""
+
 
 def magprune_cut(
-    stream: StreamInputs, tensor: torch.Tensor, model_params: Mapping[str, Any], rescale: bool
-) -> KeepMask | None:
-    """:func:`magprune` for streaming: the same draws and mask, built on the |δ| buffer."""
+    operands: Operands[Any], source: Source[Any], model_params: Mapping[str, Any], rescale: bool
+) -> Cut | None:
+    """Keep each entry with its rank's probability p, decided on a |δ| buffer a block of rows at a time."""
     density = float(model_params["density"])
     if density >= 1:
-        skip_draws(stream.generator, stream.base.numel())  # as magprune does
+        draws.skip_draws(operands.generator, operands.numel)  # every model consumes its draws
         return None
-    magnitude = magnitudes(stream, tensor)
-    keep = della_keep_mask(magnitude.view(stream.shape), density, float(model_params["epsilon"]), stream.generator)
-    keep = keep.reshape(-1)
-    return KeepMask(keep, l1_factor(magnitude, keep) if rescale else None)
+    magnitude = magnitudes(operands, source)
+    keep = keep_mask(operands, magnitude, density, float(model_params["epsilon"]))
+    return MaskCut(keep, masked_l1_factor(operands.backend, magnitude, keep) if rescale else None)
 
 
-def magprune(
-    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: np.random.Generator | None
-) -> torch.Tensor:
-    """Drop entries with probability 1 − p, p rising linearly with the entry's |δ| rank in its row."""
-    density = float(model_params["density"])
-    if density >= 1:
-        skip_draws(generator, delta.numel())
-        return delta
-    keep = della_keep_mask(delta, density, float(model_params["epsilon"]), generator)
-    return masked(delta, keep, rescale)
+def keep_mask(operands: Operands[Any], magnitude: Any, density: float, epsilon: float) -> Any:
+    """m ~ Bernoulli(p) as u < p, with u the entries' draws in index order (:mod:`draws`).
+
+    Ranked in sorted order: p of the r-th smallest |δ| in a row is the same for every row, so each block
+    compares its draws, taken in sorted order, with one vector of p and puts the results back, without
+    forming ranks. Blocks hold an even number of entries, so drawing block by block consumes the draws of
+    one whole-tensor draw in the same order.
+    """
+    backend, generator = operands.backend, operands.generator
+    width = operands.shape[-1] if operands.shape else 1
+    keep = backend.empty(operands.numel, "bool")
+    if width == 1:  # mergekit's (rank − min)/(max − min) is 0/0 here; r̃ = ½ gives p = ρ
+        p = np.float32(density - epsilon) + np.float32(0.5) * np.float32(2 * epsilon)
+        keep[:] = backend.from_host(draws.uniform(generator, operands.numel) < p)
+        return keep
+    p_sorted = (density - epsilon) + (np.arange(width, dtype=np.float32) / (width - 1)) * (2 * epsilon)
+    p_sorted = backend.from_host(p_sorted)
+    rows = max(1, RANK_BLOCK // width)
+    rows += rows % 2 if width % 2 else 0
+    for start in range(0, operands.numel, rows * width):
+        part = slice(start, min(start + rows * width, operands.numel))
+        block = magnitude[part].reshape(-1, width)
+        order = backend.row_order(block)
+        u = backend.from_host(draws.uniform(generator, part.stop - part.start)).reshape(block.shape)
+        backend.put_rows(keep[part].reshape(block.shape), order, backend.take_rows(u, order) < p_sorted)
+    return keep
 
 
 def check_della(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> str | None:
@@ -85,34 +102,32 @@ def check_della(params: Mapping[str, Any], model_params: Sequence[Mapping[str, A
     return None
 
 
-def della_merge(inputs: MergeInputs) -> torch.Tensor:
-    return gta_merge(inputs, sparsify=magprune, consensus=True)
+def della_merge(operands: Operands[Any]) -> None:
+    gta_merge(operands, magprune_cut, consensus=True)
 
 
-def della_linear_merge(inputs: MergeInputs) -> torch.Tensor:
-    return gta_merge(inputs, sparsify=magprune, consensus=False)
+def della_linear_merge(operands: Operands[Any]) -> None:
+    gta_merge(operands, magprune_cut, consensus=False)
 
 
 DELLA = Operator(
     name="della",
-    apply=della_merge,
+    merge=della_merge,
     params=gta_params(normalize=True, rescale=True, extra=(EPSILON,)),
     base="required",
     random=True,
     summary="Drop delta entries with magnitude-ranked probabilities, rescale, then TIES consensus.",
     paper=PAPER,
     check=check_della,
-    stream=lambda stream: gta_stream(stream, magprune_cut, consensus=True),
 )
 
 DELLA_LINEAR = Operator(
     name="della_linear",
-    apply=della_linear_merge,
+    merge=della_linear_merge,
     params=gta_params(normalize=False, rescale=True, extra=(EPSILON,)),
     base="required",
     random=True,
     summary="Drop delta entries with magnitude-ranked probabilities, rescale, then add the weighted deltas.",
     paper=PAPER,
     check=check_della,
-    stream=lambda stream: gta_stream(stream, magprune_cut, consensus=False),
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from gift_merge.operators.base import MergeInputs, Operator, Param
+from gift_merge.operators.base import MergeInputs, Operator, Param, elementwise
 
 
 def _gift(inputs: MergeInputs[Any]) -> Any:
@@ -33,7 +33,7 @@ def _gift(inputs: MergeInputs[Any]) -> Any:
 
 GIFT = Operator(
     name="gift",
-    apply=_gift,
+    merge=elementwise(_gift),
     params=(Param("weight", 1.0, per_model=True, doc="λ, the scale of this adapter's delta"),),
     base="required",
     min_models=1,
@@ -41,6 +41,5 @@ GIFT = Operator(
     summary="θ_base + Σ λ·ΔW: transfer LoRA adapters (GIFT, LoRA transfer) into base_model",
     paper="https://arxiv.org/abs/2605.01256",
     elementwise=True,
-    numpy=_gift,
 )
 LORA_TRANSFER = replace(GIFT, name="lora_transfer", summary="alias of gift")

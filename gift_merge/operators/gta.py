@@ -1,17 +1,21 @@
-"""Generalized task arithmetic (GTA): the pipeline behind task_arithmetic, ties, dare, breadcrumbs and della.
+"""Generalized task arithmetic (GTA): the pipeline behind task_arithmetic, TIES, DARE, breadcrumbs and DELLA.
 
-For task vectors δ_i = θ_i − θ_b, a sparsifier s (with its own ρ_i, γ_i or ε_i per model) and weights w_i:
+For task vectors δ_i = θ_i − θ_b, a cut c_i (each method's own: magnitude, random, outlier band) and
+weights w_i:
 
-    Δ_i = w_i · s(δ_i)
+    Δ_i = w_i · c_i(δ_i)                         (c_i optionally L1-rescaled: ``rescale``)
     without consensus:  mixed = Σ_i Δ_i,        divisor = Σ_i w_i        (|divisor| < 1e-8 → 1)
-    with consensus:     σ = sign⁺(Σ_i Δ_i),  m_i = [sign Δ_i = σ],
-                        mixed = Σ_i m_i Δ_i,    divisor = Σ_i m_i w_i    (0 → 1)
+    with consensus:     σ = sign⁺(Σ_i Δ_i),  a_i = [sign Δ_i = σ],
+                        mixed = Σ_i a_i Δ_i,    divisor = Σ_i a_i w_i    (0 → 1)
     θ = θ_b + λ · (mixed / divisor if normalize else mixed)
 
 This is mergekit's ``GeneralizedTaskArithmeticMerge`` (sign election on the *weighted* deltas, σ = +1
-where the sum is ≥ 0). Each variant differs only in its sparsifier, whether it elects signs, and the
-defaults of ``normalize`` and ``rescale`` (L1-norm-match rescale after pruning, applied to whichever
-sparsifier the variant uses). Task arithmetic: https://arxiv.org/abs/2212.04089
+where the sum is ≥ 0). Task arithmetic: https://arxiv.org/abs/2212.04089
+
+Two passes over slices of the inputs: first each model's cut is decided (a threshold from a |δ| buffer,
+or a mask), then the task vectors are formed, cut, weighted and mixed slice by slice and rounded into the
+output. No input is ever widened whole; the one tensor-sized buffer is one model's |δ| at a time (for
+the selections) or a bool mask per model.
 """
 
 from __future__ import annotations
@@ -21,20 +25,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from gift_merge.lazy import torch
-
-from . import kernels
-from .base import MergeInputs, Param, StreamInputs
+from .base import Operands, Param, Source
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
-from .kernels import blocked_sum, consensus_sum, cut_mask, cut_of, random_keep, skip_draws, task_vectors
-from .kernels import l1_factor as rescale_factor
-
-Sparsifier = Callable[["torch.Tensor", Mapping[str, Any], bool, "np.random.Generator | None"], "torch.Tensor"]
-"""(δ_i, model i's params, rescale, generator) → pruned δ_i. Called once per model, in input order."""
-
-CHUNK = 1 << 18  # entries per chunk of the elementwise stage: 1 MB of fp32, cache-resident (and even)
+from .consensus import consensus_sum
 
 LAMBDA = Param("lambda", 1.0, doc="Scale of the merged delta.", check=finite("lambda"))
 
@@ -52,195 +45,102 @@ def gta_params(*, normalize: bool, rescale: bool, extra: tuple[Param, ...] = ())
     )
 
 
-def gta_merge(inputs: MergeInputs, sparsify: Sparsifier | None, consensus: bool) -> torch.Tensor:
-    """θ_b + λ·mix(w_i·s(δ_i)) as in the module docstring."""
-    base = inputs.base
-    if base is None:
-        raise ValueError("generalized task arithmetic needs a base tensor")
-    params = inputs.params
-    rescale = bool(params["rescale"])
-    weights = [float(mp["weight"]) for mp in inputs.model_params]
-    # Sparsifiers rank or rescale over the whole tensor, so they get whole task vectors; without one the
-    # task vectors are formed chunk by chunk below and never exist whole.
-    deltas: list[torch.Tensor] | None = None
-    if sparsify is not None:
-        deltas = [
-            sparsify(d, mp, rescale, inputs.generator)
-            for d, mp in zip(task_vectors(inputs.tensors, base), inputs.model_params, strict=True)
-        ]
-    normalize, lam = bool(params["normalize"]), float(params["lambda"])
-    flat_base = base.reshape(-1)
-    flat_inputs = [t.reshape(-1) for t in (deltas if deltas is not None else inputs.tensors)]
-    out = torch.empty_like(flat_base)
-    # Everything after sparsification is elementwise: run it on cache-sized chunks, which keeps the
-    # temporaries (weighted deltas, sign sums, divisors) small and in cache. Same arithmetic per element.
-    for start in range(0, flat_base.numel(), CHUNK):
-        part = slice(start, start + CHUNK)
-        if deltas is None:
-            weighted = [(t[part] - flat_base[part]).mul_(w) for t, w in zip(flat_inputs, weights, strict=True)]
-        else:
-            weighted = [t[part] * w for t, w in zip(flat_inputs, weights, strict=True)]
-        mixed = _mix(weighted, weights, consensus, normalize)
-        torch.add(flat_base[part], mixed.mul_(lam) if lam != 1 else mixed, out=out[part])
-    return out.view(base.shape)
-
-
-def _mix(weighted: list[torch.Tensor], weights: list[float], consensus: bool, normalize: bool) -> torch.Tensor:
-    """The (normalised) combination of one chunk's weighted deltas, without λ and the base."""
-    divisor: torch.Tensor | float
-    if consensus:
-        mixed, divisor = consensus_sum(weighted, weights)
-    else:
-        mixed = weighted[0]
-        for d in weighted[1:]:
-            mixed.add_(d)
-        total = sum(weights)
-        divisor = total if abs(total) >= 1e-8 else 1.0
-    if normalize:
-        mixed.div_(divisor)
-    return mixed
-
-
 @dataclass
-class _MagnitudeCut:
-    """Which entries a TIES trim keeps, known before any slice is masked: its k-th largest |δ|, how many
-    entries equal to it are still to keep (in index order), and the L1 rescale factor, if any."""
+class ThresholdCut:
+    """A magnitude cut known before any slice is masked: keep |δ| > threshold, plus the first
+    ``ties_left`` entries equal to it in index order (slices must come in index order), then rescale."""
 
-    threshold: float
+    threshold: Any
     ties_left: int
     factor: float | None
 
-    def apply(self, delta: torch.Tensor, part: slice) -> torch.Tensor:
-        """Mask (and rescale) the next slice of δ in place; slices must come in index order."""
-        keep = delta.abs()
+    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
+        magnitude = operands.backend.abs(delta)
+        keep = magnitude > self.threshold
         if self.ties_left > 0:
-            tied = np.flatnonzero((keep == self.threshold).cpu().numpy())[: self.ties_left]
-        keep.gt_(self.threshold)  # a float 0/1 mask: bool masks are ~10× slower to multiply by in place
-        if self.ties_left > 0:
-            keep[torch.from_numpy(tied).to(keep.device)] = 1.0
+            tied = operands.backend.flatnonzero(magnitude == self.threshold)[: self.ties_left]
+            keep[tied] = True
             self.ties_left -= len(tied)
-        delta.mul_(keep)
-        return delta.mul_(self.factor) if self.factor is not None else delta
+        delta *= keep
+        if self.factor is not None:
+            delta *= self.factor
+        return delta
 
 
 @dataclass
-class KeepMask:
-    """A drawn keep mask (DARE) and its L1 rescale factor, if any."""
+class MaskCut:
+    """A keep mask over the flat tensor (drawn or selected) and its rescale factor."""
 
-    keep: torch.Tensor  # bool, flat
+    keep: Any
     factor: float | None
 
-    def apply(self, delta: torch.Tensor, part: slice) -> torch.Tensor:
-        delta.mul_(kernels.as_factor(self.keep[part]))
-        return delta.mul_(self.factor) if self.factor is not None else delta
+    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
+        delta *= self.keep[part]
+        if self.factor is not None:
+            delta *= self.factor
+        return delta
 
 
-Cut = _MagnitudeCut | KeepMask
-CutBuilder = Callable[[StreamInputs, "torch.Tensor", Mapping[str, Any], bool], "Cut | None"]
+Cut = ThresholdCut | MaskCut
+CutRule = Callable[[Operands[Any], Source[Any], Mapping[str, Any], bool], "Cut | None"]
+"""(operands, one model's source, its params, rescale) → its cut, or None to keep δ whole. Called once per
+model, in input order (random cuts consume the generator in that order)."""
+
+NO_CUT: CutRule = lambda operands, source, model_params, rescale: None  # noqa: E731
+"""Task arithmetic: every task vector whole."""
 
 
-def magnitudes(stream: StreamInputs, tensor: torch.Tensor) -> torch.Tensor:
-    """|δ| of one input, built slice by slice into one buffer: the only whole-tensor copy a stream makes."""
-    n = stream.base.numel()
-    magnitude: torch.Tensor | None = None
-    for start in range(0, n, CHUNK):
-        part = slice(start, start + CHUNK)
-        d = stream.widen(tensor[part]) - stream.widen(stream.base[part])
-        if magnitude is None:
-            magnitude = torch.empty(n, dtype=d.dtype, device=d.device)
-        torch.abs(d, out=magnitude[part])
-    assert magnitude is not None
+def magnitudes(operands: Operands[Any], source: Source[Any]) -> Any:
+    """|δ| of one input as one flat math-dtype buffer, built slice by slice."""
+    assert operands.base is not None
+    backend = operands.backend
+    magnitude = backend.empty(operands.numel)
+    for part in operands.chunks():
+        backend.abs(source.read(part) - operands.base.read(part), out=magnitude[part])
     return magnitude
 
 
-def l1_factor(magnitude: torch.Tensor, keep: torch.Tensor) -> float | None:
-    """The factor :func:`kernels.masked` rescales by, from the same values summed the same way.
-
-    Consumes ``magnitude`` (masked in place, slice by slice, with float masks): every caller is done with
-    it, and a tensor-sized product with a bool mask costs ~10× the two sums.
-    """
-    before = blocked_sum(magnitude)
-    for start in range(0, magnitude.numel(), CHUNK):
-        part = slice(start, start + CHUNK)
-        magnitude[part].mul_(kernels.as_factor(keep[part]))
-    return rescale_factor(before, blocked_sum(magnitude))
+def empty_cut() -> ThresholdCut:
+    """The cut that keeps nothing (k = 0)."""
+    return ThresholdCut(math.inf, 0, None)
 
 
-def magnitude_cut(
-    stream: StreamInputs, tensor: torch.Tensor, model_params: Mapping[str, Any], rescale: bool
-) -> Cut | None:
-    """Phase one of a streamed TIES trim: the same selection as :func:`kernels.magnitude_mask`."""
-    density = float(model_params["density"])
-    if density >= 1:
-        return None
-    n = stream.base.numel()
-    k = int(density * n)
-    if k <= 0:
-        return _MagnitudeCut(math.inf, 0, None)
-    magnitude = magnitudes(stream, tensor)
-    # Without a rescale nothing below needs |δ| in index order (the tie count is a count), so the selection
-    # may reorder it in place and save the tensor-sized copy a partition would make.
-    threshold, above = cut_of(magnitude, k, in_place=not rescale)
-    ties = k - above
-    factor = l1_factor(magnitude, cut_mask(magnitude, threshold, above, k)) if rescale else None
-    return _MagnitudeCut(float(threshold), ties, factor)
-
-
-def random_cut(
-    stream: StreamInputs, tensor: torch.Tensor, model_params: Mapping[str, Any], rescale: bool
-) -> Cut | None:
-    """Phase one of a streamed DARE drop: the same draw as :func:`kernels.random_drop_mask` (consumed even
-    at ρ ≥ 1, in input order), kept as a bool mask."""
-    density = float(model_params["density"])
-    n = stream.base.numel()
-    # drawn slice by slice (even lengths, so the same raw outputs land on the same entries as one whole
-    # draw): small temporaries stay in cache, where a tensor-sized draw pays a page fault every 1,024 floats
-    if density >= 1:
-        skip_draws(stream.generator, n)
-        return None
-    if CHUNK % 2:
-        raise ValueError(f"gta.CHUNK must be even to draw slice by slice, got {CHUNK}")
-    keep = torch.empty(n, dtype=torch.bool)
-    for start in range(0, n, CHUNK):
-        part = slice(start, start + CHUNK)
-        keep[part] = random_keep(stream.generator, len(range(n)[part]), density)
-    factor = _kept_l1_factor(stream, tensor, keep) if rescale else None
-    return KeepMask(keep.to(stream.base.device), factor)
-
-
-def _kept_l1_factor(stream: StreamInputs, tensor: torch.Tensor, keep: torch.Tensor) -> float | None:
-    """:func:`l1_factor` without a |δ| buffer: both norms summed block by block as |δ| is formed."""
-    before = after = 0.0
-    for start in range(0, stream.base.numel(), kernels.REDUCE_BLOCK):
-        part = slice(start, start + kernels.REDUCE_BLOCK)
-        magnitude = (stream.widen(tensor[part]) - stream.widen(stream.base[part])).abs_()
-        before += kernels.block_total(magnitude)
-        after += kernels.block_total(magnitude.mul_(kernels.as_factor(keep[part].to(magnitude.device))))
-    return rescale_factor(before, after)
-
-
-def gta_stream(stream: StreamInputs, cut: CutBuilder, consensus: bool) -> torch.Tensor:
-    """:func:`gta_merge` with a trim (TIES magnitude or DARE drop), reading the inputs a slice at a time.
-
-    Phase one finds each model's cut on a buffer of |δ_i| (one tensor-sized fp32 buffer at a time);
-    phase two forms, trims, weights and mixes the task vectors slice by slice. Same selection, same
-    rescale factor and same per-entry arithmetic as the whole-tensor path, so the same bits, with the inputs
-    never widened whole.
-    """
-    params = stream.params
+def gta_merge(operands: Operands[Any], cut: CutRule, consensus: bool) -> None:
+    """θ_b + λ·mix(w_i·c_i(δ_i)) as in the module docstring, into ``operands.out``."""
+    base_source = operands.base
+    if base_source is None:
+        raise ValueError("generalized task arithmetic needs a base tensor")
+    params = operands.params
     rescale = bool(params["rescale"])
-    weights = [float(mp["weight"]) for mp in stream.model_params]
-    cuts = [cut(stream, t, mp, rescale) for t, mp in zip(stream.tensors, stream.model_params, strict=True)]
+    weights = [float(mp["weight"]) for mp in operands.model_params]
+    cuts = [cut(operands, s, mp, rescale) for s, mp in zip(operands.sources, operands.model_params, strict=True)]
     normalize, lam = bool(params["normalize"]), float(params["lambda"])
-    n = stream.base.numel()
-    out = torch.empty(n, dtype=stream.out_dtype)
-    for start in range(0, n, CHUNK):
-        part = slice(start, start + CHUNK)
-        base = stream.widen(stream.base[part])
+    for part in operands.row_chunks():  # any slicing gives the same bits; rows let adapters form ΔW by rows
+        base = base_source.read(part)
         weighted = []
-        for t, trim, w in zip(stream.tensors, cuts, weights, strict=True):
-            d = stream.widen(t[part]) - base
-            weighted.append((trim.apply(d, part) if trim is not None else d).mul_(w))
-        mixed = _mix(weighted, weights, consensus, normalize)
-        out[part] = torch.add(base, mixed.mul_(lam) if lam != 1 else mixed, out=mixed)  # rounded by the copy
-    return out
+        for source, trim, weight in zip(operands.sources, cuts, weights, strict=True):
+            delta = source.read(part) - base
+            delta = trim.apply(operands, delta, part) if trim is not None else delta
+            delta *= weight
+            weighted.append(delta)
+        mixed = _mix(operands, weighted, weights, consensus, normalize)
+        if lam != 1:
+            mixed *= lam
+        mixed += base
+        operands.out.write(part, mixed)
+
+
+def _mix(operands: Operands[Any], weighted: list[Any], weights: list[float], consensus: bool, normalize: bool) -> Any:
+    """The (normalised) combination of one slice's weighted deltas, without λ and the base."""
+    divisor: Any
+    if consensus:
+        mixed, divisor = consensus_sum(operands.backend, weighted, weights)
+    else:
+        mixed = weighted[0]
+        for delta in weighted[1:]:
+            mixed += delta
+        total = sum(weights)
+        divisor = total if abs(total) >= 1e-8 else 1.0
+    if normalize:
+        mixed /= divisor
+    return mixed

@@ -19,54 +19,56 @@ https://doi.org/10.1002/cpa.3160300502 ; Buss & Fillmore 2001, https://doi.org/1
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from gift_merge.lazy import torch
-
-from .base import MergeInputs, Operator, Param
+from .base import Operands, Operator, Param
 from .checks import interval
-from .kernels import flat_dot, flat_norm
+from .reductions import flat_dot, flat_norm
 
 
-def karcher_merge(inputs: MergeInputs) -> torch.Tensor:
-    if len(inputs.tensors) == 1:
-        return inputs.tensors[0].clone()
-    max_iter = int(inputs.params["max_iter"])
-    tol = float(inputs.params["tol"])
-    shape = inputs.tensors[0].shape
-    xs = [t.reshape(-1) for t in inputs.tensors]
-    norms = [flat_norm(x) for x in xs]
+def karcher_merge(operands: Operands[Any]) -> None:
+    """The module docstring's iteration on the whole flattened tensor (every step takes norms over all of it)."""
+    backend, whole = operands.backend, slice(0, operands.numel)
+    if len(operands.sources) == 1:
+        operands.out.write(whole, operands.sources[0].read(whole))
+        return
+    max_iter = int(operands.params["max_iter"])
+    tol = float(operands.params["tol"])
+    xs = [source.read(whole) for source in operands.sources]
+    norms = [flat_norm(backend, x) for x in xs]
     valid = [(x / n) for x, n in zip(xs, norms, strict=True) if n > tol]
     if not valid:
-        return torch.zeros_like(inputs.tensors[0])
+        operands.out.write(whole, backend.zeros_like(xs[0]))
+        return
     alpha = 1.0 / len(valid)
 
-    u = sum((alpha * v for v in valid), torch.zeros_like(xs[0]))
-    u_norm = flat_norm(u)
-    u = valid[0].clone() if u_norm < tol else u / u_norm
+    u = sum((alpha * v for v in valid), backend.zeros_like(xs[0]))
+    u_norm = flat_norm(backend, u)
+    u = backend.copy(valid[0]) if u_norm < tol else u / u_norm
 
     for _ in range(max_iter):
-        tangent = torch.zeros_like(u)
+        tangent = backend.zeros_like(u)
         for v in valid:
-            cos_phi = min(1.0, max(-1.0, flat_dot(u, v)))
+            cos_phi = min(1.0, max(-1.0, flat_dot(backend, u, v)))
             phi = math.acos(cos_phi)
             if phi < tol:
                 continue
             tangent += (alpha * phi / math.sin(phi)) * (v - cos_phi * u)
-        t_norm = flat_norm(tangent)
+        t_norm = flat_norm(backend, tangent)
         if t_norm < tol:
             break
         u = math.cos(t_norm) * u + (math.sin(t_norm) / t_norm) * tangent
-        u_norm = flat_norm(u)
+        u_norm = flat_norm(backend, u)
         if u_norm > tol:
             u = u / u_norm
 
     scale = sum(norms) / len(norms)
-    return (scale * u).reshape(shape)
+    operands.out.write(whole, scale * u)
 
 
 KARCHER = Operator(
     name="karcher",
-    apply=karcher_merge,
+    merge=karcher_merge,
     params=(
         Param("max_iter", 10, kind=int, doc="Most iterations.", check=interval("max_iter", 0, math.inf)),
         Param("tol", 1e-5, doc="Convergence tolerance on ‖T‖ and angles.", check=interval("tol", 0.0, math.inf)),

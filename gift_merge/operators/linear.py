@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import MergeInputs, Operator, Param
+from .base import MergeInputs, Operator, Param, elementwise
 from .checks import WEIGHT
 
 
@@ -30,7 +30,7 @@ def check_linear(params: Mapping[str, Any], model_params: Sequence[Mapping[str, 
 
 def linear_merge(inputs: MergeInputs[Any]) -> Any:
     """Written with operators torch tensors and numpy arrays share (a Python float scales in float32 in
-    both), so this one function is the torch and the numpy kernel."""
+    both), so this one function serves every backend."""
     weights = [float(mp["weight"]) for mp in inputs.model_params]
     out = inputs.tensors[0] * weights[0]
     for tensor, weight in zip(inputs.tensors[1:], weights[1:], strict=True):
@@ -42,7 +42,7 @@ def linear_merge(inputs: MergeInputs[Any]) -> Any:
 
 LINEAR = Operator(
     name="linear",
-    apply=linear_merge,
+    merge=elementwise(linear_merge),
     params=(
         WEIGHT,
         Param("normalize", True, kind=bool, doc="Divide by the sum of the weights."),
@@ -52,5 +52,4 @@ LINEAR = Operator(
     paper="https://arxiv.org/abs/2203.05482",
     check=check_linear,
     elementwise=True,
-    numpy=linear_merge,
 )

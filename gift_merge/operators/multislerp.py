@@ -29,11 +29,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gift_merge.errors import GiftMergeError
-from gift_merge.lazy import torch
 
-from .base import MergeInputs, Operator, Param
+from .base import Operands, Operator, Param
 from .checks import WEIGHT, interval
-from .kernels import flat_dot, flat_norm
+from .reductions import flat_dot, flat_norm
 
 
 def check_multislerp(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> str | None:
@@ -43,45 +42,48 @@ def check_multislerp(params: Mapping[str, Any], model_params: Sequence[Mapping[s
     return None
 
 
-def multislerp_merge(inputs: MergeInputs) -> torch.Tensor:
-    if len(inputs.tensors) == 1:
-        return inputs.tensors[0].clone()
-    base = inputs.base
-    shape = inputs.tensors[0].shape
-    eps = float(inputs.params["eps"])
-    xs = [(t if base is None else t - base).reshape(-1) for t in inputs.tensors]
-    weights = [float(mp["weight"]) for mp in inputs.model_params]
-    if inputs.params["normalize_weights"]:
+def multislerp_merge(operands: Operands[Any]) -> None:
+    """The module docstring's formula on the whole flattened tensor (its norms span all of it)."""
+    backend, whole = operands.backend, slice(0, operands.numel)
+    base = operands.base.read(whole) if operands.base is not None else None
+    if len(operands.sources) == 1:
+        operands.out.write(whole, operands.sources[0].read(whole))
+        return
+    eps = float(operands.params["eps"])
+    xs = [source.read(whole) if base is None else source.read(whole) - base for source in operands.sources]
+    weights = [float(mp["weight"]) for mp in operands.model_params]
+    if operands.params["normalize_weights"]:
         total = sum(weights)
         weights = [w / total for w in weights]
 
-    norms = [flat_norm(x) for x in xs]
+    norms = [flat_norm(backend, x) for x in xs]
     units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
-    mean = sum((w * u for w, u in zip(weights, units, strict=True)), torch.zeros_like(xs[0]))
-    mean_norm = flat_norm(mean)
+    mean = sum((w * u for w, u in zip(weights, units, strict=True)), backend.zeros_like(xs[0]))
+    mean_norm = flat_norm(backend, mean)
     if mean_norm < eps:
         if len(xs) != 2:
             raise GiftMergeError(
-                f"multislerp: the weighted mean direction of {inputs.tensor_name or 'a tensor'} is zero "
+                f"multislerp: the weighted mean direction of {operands.tensor_name or 'a tensor'} is zero "
                 "(antipodal inputs whose weights cancel); change the weights"
             )
-        out = (weights[0] * xs[0] + weights[1] * xs[1]).reshape(shape)
-        return out if base is None else base + out
+        out = weights[0] * xs[0] + weights[1] * xs[1]
+        operands.out.write(whole, out if base is None else base + out)
+        return
     mean = mean / mean_norm
 
-    tangent = torch.zeros_like(mean)
+    tangent = backend.zeros_like(mean)
     for w, u in zip(weights, units, strict=True):
-        tangent += w * (u - flat_dot(u, mean) * mean)
-    angle = flat_norm(tangent) + eps
+        tangent += w * (u - flat_dot(backend, u, mean) * mean)
+    angle = flat_norm(backend, tangent) + eps
     direction = mean * math.cos(angle) + tangent * (math.sin(angle) / angle)
     scale = sum(w * n for w, n in zip(weights, norms, strict=True))
-    out = (direction * scale).reshape(shape)
-    return out if base is None else base + out
+    out = direction * scale
+    operands.out.write(whole, out if base is None else base + out)
 
 
 MULTISLERP = Operator(
     name="multislerp",
-    apply=multislerp_merge,
+    merge=multislerp_merge,
     params=(
         WEIGHT,
         Param("normalize_weights", True, kind=bool, doc="Scale the weights to sum to 1."),

@@ -11,37 +11,26 @@ https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
-from gift_merge.lazy import torch
-
-from .base import MergeInputs, Operator, Param
+from .base import MergeInputs, Operator, Param, elementwise
 from .checks import interval
 
 
-def nearswap_merge(inputs: MergeInputs) -> torch.Tensor:
+def nearswap_mix(inputs: MergeInputs[Any]) -> Any:
     base, other = inputs.base, inputs.tensors[0]
     if base is None:
         raise ValueError("nearswap needs a base tensor")
-    t = torch.tensor(float(inputs.params["t"]), dtype=base.dtype, device=base.device)
-    # a 0-d tensor, not a Python float: torch computes float / tensor as t · (1/x), two roundings
-    weight = torch.div(t, (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
-    return weight * other + (1 - weight) * base
-
-
-def nearswap_numpy(inputs: MergeInputs[np.ndarray]) -> np.ndarray:
-    """:func:`nearswap_merge` in numpy, the same operations in the same order."""
-    base, other = inputs.base, inputs.tensors[0]
-    if base is None:
-        raise ValueError("nearswap needs a base tensor")
-    t = float(inputs.params["t"])
-    weight = np.clip(t / np.maximum(np.abs(base - other), 1e-6), 0, 1)
+    backend = inputs.backend
+    # t as an array, not a Python float: torch computes float / tensor as t · (1/x), two roundings
+    t = backend.scalar(float(inputs.params["t"]), base)
+    weight = backend.clip(t / backend.maximum(backend.abs(base - other), 1e-6), 0, 1)
     return weight * other + (1 - weight) * base
 
 
 NEARSWAP = Operator(
     name="nearswap",
-    apply=nearswap_merge,
+    merge=elementwise(nearswap_mix),
     params=(
         Param(
             "t",
@@ -55,5 +44,4 @@ NEARSWAP = Operator(
     summary="Move the base towards the other model only where the two are close.",
     paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     elementwise=True,
-    numpy=nearswap_numpy,
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import MergeInputs, Operator, Param
+from .base import MergeInputs, Operator, Param, elementwise
 from .checks import finite
 
 
@@ -23,12 +23,11 @@ def passthrough_merge(inputs: MergeInputs[Any]) -> Any:
 
 PASSTHROUGH = Operator(
     name="passthrough",
-    apply=passthrough_merge,
+    merge=elementwise(passthrough_merge),
     params=(Param("scale", 1.0, per_model=True, doc="Multiplier for the tensor.", check=finite("scale")),),
     base="ignored",
     min_models=1,
     max_models=1,
     summary="Copy one model's tensor, optionally scaled.",
     elementwise=True,
-    numpy=passthrough_merge,
 )

@@ -16,42 +16,54 @@ Wan et al., "FuseChat: Knowledge Fusion of Chat Models", https://arxiv.org/abs/2
   Here the fallback applies only when the sum is exactly 0.
 - mergekit divides by max(Σ_i ω_i m_i, 1e-6), which under-weights positions where only a model with
   ω < 1e-6 agrees. Here only a zero divisor (no agreeing model, so a zero numerator) is replaced by 1.
+
+The sign election is on the unweighted τ_i, unlike TIES' on the weighted deltas (:mod:`consensus`), so it
+is written here. The tensor is read whole: the variance selection and the energies span all of it.
 """
 
 from __future__ import annotations
 
-from gift_merge.lazy import torch
+from typing import Any
 
-from .base import MergeInputs, Operator, Param
+from .base import Operands, Operator, Param
 from .checks import INT8_MASK, interval
-from .kernels import disjoint_sum, elect_signs, sign_masks, task_vectors, topk_mask
+from .selection import top_k
 
 
-def sce_merge(inputs: MergeInputs) -> torch.Tensor:
-    base = inputs.base
-    if base is None:
+def sce_merge(operands: Operands[Any]) -> None:
+    if operands.base is None:
         raise ValueError("sce needs a base tensor")
-    taus = task_vectors(inputs.tensors, base)
+    backend, whole = operands.backend, slice(0, operands.numel)
+    base = operands.base.read(whole)
+    taus = [source.read(whole) - base for source in operands.sources]
     n = len(taus)
-    select_topk = float(inputs.params["select_topk"])
-    if select_topk < 1:
-        mean = sum(taus[1:], taus[0].clone()) / n
-        var = sum(((t - mean) ** 2 for t in taus), torch.zeros_like(mean)) / n  # population variance
-        keep = topk_mask(var, int(int(torch.count_nonzero(var)) * select_topk))
-        taus = [torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in taus]
+    select_topk = float(operands.params["select_topk"])
+    if select_topk < 1:  # select
+        mean = sum(taus[1:], backend.copy(taus[0])) / n
+        var = sum(((t - mean) ** 2 for t in taus), backend.zeros_like(mean)) / n  # population variance
+        keep = top_k(backend, var, int(backend.count(var) * select_topk))
+        taus = [backend.where(keep, t, 0.0) for t in taus]
 
-    energy = [float(t.pow(2).mean(dtype=torch.float64)) for t in taus]
+    energy = [backend.mean64(t**2) for t in taus]  # calculate
     total = sum(energy)
     omega = [e / total for e in energy] if total > 0 else [1.0 / n] * n
 
-    masks = sign_masks(taus, elect_signs(taus))
-    mixed, divisor = disjoint_sum([t * w for t, w in zip(taus, omega, strict=True)], omega, masks)
-    return base + mixed / divisor
+    sum_of_taus = backend.copy(taus[0])  # erase: σ = +1 where Σ τ_i ≥ 0, m_i = [sign τ_i = σ]
+    for tau in taus[1:]:
+        sum_of_taus += tau
+    sigma = backend.where(sum_of_taus >= 0, 1.0, -1.0)
+    mixed, divisor = backend.zeros_like(base), backend.zeros_like(base)
+    for tau, weight in zip(taus, omega, strict=True):
+        agrees = backend.sign(tau) == sigma
+        mixed += backend.where(agrees, tau * weight, 0.0)
+        divisor += backend.astype(agrees, divisor.dtype) * weight
+    divisor[divisor == 0] = 1
+    operands.out.write(whole, base + mixed / divisor)
 
 
 SCE = Operator(
     name="sce",
-    apply=sce_merge,
+    merge=sce_merge,
     params=(
         Param(
             "select_topk",

@@ -15,75 +15,54 @@ outside [0, 1] (extrapolation along the arc); here that is rejected as a likely 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-import numpy as np
-
-from gift_merge.floatbits import narrow
-from gift_merge.lazy import torch
-
-from . import gta, kernels
-from .base import MergeInputs, Operator, Param, StreamInputs
+from .base import Operands, Operator, Param
 from .checks import interval
-from .kernels import slerp_coefficients, slerp_flat
+from .reductions import blocks
 
 
-def slerp_merge(inputs: MergeInputs) -> torch.Tensor:
-    if inputs.base is None:
+def slerp_coefficients(
+    t: float, norm0_sq: float, norm1_sq: float, dot: float, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> tuple[float, float]:
+    """(s0, s1) with θ = s0·θ_b + s1·θ_1, from ‖θ_b‖², ‖θ_1‖² and ⟨θ_b, θ_1⟩ (the module docstring's
+    formula, in float64)."""
+    n0, n1 = math.sqrt(norm0_sq), math.sqrt(norm1_sq)
+    cos = dot / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+    if abs(cos) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def slerp_merge(operands: Operands[Any]) -> None:
+    """Two passes: the norms and the inner product over the summation blocks, then the interpolation."""
+    base, other = operands.base, operands.sources[0]
+    if base is None:
         raise ValueError("slerp needs a base tensor")
-    return slerp_flat(float(inputs.params["t"]), inputs.base, inputs.tensors[0])
-
-
-def _coefficients(stream: StreamInputs[Any]) -> tuple[float, float]:
-    """(s0, s1) from the norms and the inner product, summed over the blocks :func:`kernels.flat_dot`
-    sums, a slice at a time; torch tensors or numpy arrays alike (one sum, :func:`kernels.block_total`)."""
-    base, other = stream.base, stream.tensors[0]
+    backend = operands.backend
     norm0_sq = norm1_sq = dot = 0.0
-    for start in range(0, len(base), kernels.REDUCE_BLOCK):
-        part = slice(start, start + kernels.REDUCE_BLOCK)
-        v0, v1 = stream.widen(base[part]), stream.widen(other[part])
-        norm0_sq += kernels.block_total(v0 * v0)
-        norm1_sq += kernels.block_total(v1 * v1)
-        dot += kernels.block_total(v0 * v1)
-    return slerp_coefficients(float(stream.params["t"]), norm0_sq, norm1_sq, dot)
-
-
-def slerp_stream(stream: StreamInputs[torch.Tensor]) -> torch.Tensor:
-    """:func:`slerp_merge` reading the two inputs twice, a slice at a time: once for the norms and the
-    inner product, once for the interpolation."""
-    base, other = stream.base, stream.tensors[0]
-    n = base.numel()
-    s0, s1 = _coefficients(stream)
-    out = torch.empty(n, dtype=stream.out_dtype)
-    for start in range(0, n, gta.CHUNK):
-        part = slice(start, start + gta.CHUNK)
-        out[part] = s0 * stream.widen(base[part]) + s1 * stream.widen(other[part])
-    return out
-
-
-def slerp_numpy_stream(stream: StreamInputs[np.ndarray]) -> np.ndarray:
-    """:func:`slerp_stream` in numpy: the same blocks, sums and roundings; returns the output's bits."""
-    base, other = stream.base, stream.tensors[0]
-    n = base.size
-    s0, s1 = _coefficients(stream)
-    out = np.empty(n, dtype=stream.out_dtype.storage)
-    for start in range(0, n, gta.CHUNK):
-        part = slice(start, start + gta.CHUNK)
-        mixed = stream.widen(base[part]) * s0
-        mixed += stream.widen(other[part]) * s1
-        narrow(mixed, stream.out_dtype, out[part])
-    return out
+    for part in blocks(operands.numel):
+        v0, v1 = base.read(part), other.read(part)
+        norm0_sq += backend.total(v0 * v0)
+        norm1_sq += backend.total(v1 * v1)
+        dot += backend.total(v0 * v1)
+    s0, s1 = slerp_coefficients(float(operands.params["t"]), norm0_sq, norm1_sq, dot)
+    for part in operands.chunks():
+        mixed = base.read(part) * s0
+        mixed += other.read(part) * s1
+        operands.out.write(part, mixed)
 
 
 SLERP = Operator(
     name="slerp",
-    apply=slerp_merge,
+    merge=slerp_merge,
     params=(Param("t", doc="Interpolation factor: 0 is the base, 1 the other model.", check=interval("t", 0.0, 1.0)),),
     base="required",
     min_models=1,
     max_models=1,
     summary="Spherical interpolation between the base and one other model.",
     paper="https://doi.org/10.1145/325165.325242",
-    stream=slerp_stream,
-    numpy_stream=slerp_numpy_stream,
 )

@@ -10,8 +10,8 @@ Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", https:
 As in mergekit the sign is elected on the *weighted* deltas (the paper uses unweighted ones), so a weight
 changes the election and a negative weight flips a model's vote. Deviation: mergekit asserts k > 0 and
 crashes when ⌊ρ·N⌋ = 0 (small density on a small tensor); here that model's trimmed delta is zero.
-mergekit trims with a full argsort; this uses a selection with ties broken by index, same kept set up to
-the order of exactly equal magnitudes.
+mergekit trims with a full argsort; this uses a selection with ties broken by index (:mod:`selection`),
+the same kept set up to the order of exactly equal magnitudes.
 """
 
 from __future__ import annotations
@@ -19,41 +19,42 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from gift_merge.lazy import torch
-
-from . import gta_numpy
-from .base import MergeInputs, Operator, StreamInputs
-from .gta import gta_merge, gta_params, gta_stream, magnitude_cut
-from .kernels import magnitude_mask, masked
+from .base import Operands, Operator, Source
+from .gta import Cut, ThresholdCut, empty_cut, gta_merge, gta_params, magnitudes
+from .rescale import masked_l1_factor
+from .selection import cut_mask
 
 
-def magnitude_trim(
-    delta: torch.Tensor, model_params: Mapping[str, Any], rescale: bool, generator: np.random.Generator | None
-) -> torch.Tensor:
-    """Keep the ⌊ρ·N⌋ largest-magnitude entries of δ; ρ ≥ 1 returns δ unchanged."""
+def magnitude_cut(
+    operands: Operands[Any], source: Source[Any], model_params: Mapping[str, Any], rescale: bool
+) -> Cut | None:
+    """Keep the k = ⌊ρ·N⌋ entries of largest |δ| (none for k = 0, all for ρ ≥ 1), decided on a |δ| buffer."""
     density = float(model_params["density"])
     if density >= 1:
-        return delta
-    return masked(delta, magnitude_mask(delta, density), rescale)
+        return None
+    k = int(density * operands.numel)
+    if k <= 0:
+        return empty_cut()
+    backend = operands.backend
+    magnitude = magnitudes(operands, source)
+    # Without a rescale nothing below needs |δ| in index order (the tie count is a count), so the selection
+    # may reorder it in place and save the tensor-sized copy a partition would make.
+    threshold, above = backend.kth_largest_and_count(magnitude, k, in_place=not rescale)
+    factor = None
+    if rescale:
+        factor = masked_l1_factor(backend, magnitude, cut_mask(backend, magnitude, threshold, above, k))
+    return ThresholdCut(threshold, k - above, factor)
 
 
-def ties_merge(inputs: MergeInputs) -> torch.Tensor:
-    return gta_merge(inputs, sparsify=magnitude_trim, consensus=True)
-
-
-def ties_stream(stream: StreamInputs) -> torch.Tensor:
-    return gta_stream(stream, magnitude_cut, consensus=True)
+def ties_merge(operands: Operands[Any]) -> None:
+    gta_merge(operands, magnitude_cut, consensus=True)
 
 
 TIES = Operator(
     name="ties",
-    apply=ties_merge,
+    merge=ties_merge,
     params=gta_params(normalize=True, rescale=False),
     base="required",
     summary="Trim task vectors to their largest entries, elect a sign per entry, average the agreeing ones.",
     paper="https://arxiv.org/abs/2306.01708",
-    stream=ties_stream,
-    numpy_stream=lambda stream: gta_numpy.gta_stream(stream, gta_numpy.magnitude_cut, consensus=True),
 )

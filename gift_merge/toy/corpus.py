@@ -68,13 +68,20 @@ def document(rng: random.Random) -> str:
 
 
 def token_batches(tokenizer, seed: int, steps: int, batch_size: int, length: int) -> torch.Tensor:
-    """``(steps, batch_size, length)`` token ids: documents of the seeded stream, concatenated and cut into
-    windows (a window may start mid-document, as in any packed pretraining)."""
+    """``(steps, batch_size, length)`` token ids: each window is documents of the seeded stream laid end to
+    end from a document's start, the last one cut at the window's end (its rest is dropped). Starting
+    every window at a document's start means every question is seen from its first word; no padding."""
     rng = random.Random(f"pretrain-{seed}")
-    needed = steps * batch_size * length
-    stream: list[int] = []
-    while len(stream) < needed:
+    windows = torch.empty(steps * batch_size, length, dtype=torch.long)
+    filled, window = 0, 0
+    while window < len(windows):
         texts = [document(rng) for _ in range(512)]
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-    return torch.tensor(stream[:needed], dtype=torch.long).view(steps, batch_size, length)
+            take = min(len(ids), length - filled)
+            windows[window, filled : filled + take] = torch.tensor(ids[:take])
+            filled += take
+            if filled == length:
+                window, filled = window + 1, 0
+                if window == len(windows):
+                    break
+    return windows.view(steps, batch_size, length)

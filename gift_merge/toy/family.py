@@ -31,7 +31,7 @@ from gift_merge.toy.instruct import InstructSettings, instruct_rows, instruct_tu
 from gift_merge.toy.pretrain import PretrainSettings, pretrain
 from gift_merge.toy.vocabulary import build_tokenizer
 
-FAMILY_VERSION = 1
+FAMILY_VERSION = 2
 """Bumped whenever a change of this package changes what a build writes, so caches are rebuilt."""
 
 TASK_TRAIN_ROWS = 300

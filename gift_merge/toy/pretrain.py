@@ -26,7 +26,7 @@ class PretrainSettings:
     heads: int = 4
     intermediate: int = 288
     init_std: float = 0.02
-    steps: int = 1000
+    steps: int = 900
     batch_size: int = 32
     length: int = 64
     lr: float = 5e-3

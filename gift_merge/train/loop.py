@@ -42,6 +42,7 @@ from gift_merge.train.dataset import TrainingSet, load_training_set
 from gift_merge.train.loss import micro_batch_scale, select_targets, token_coefficients, weighted_token_loss
 from gift_merge.train.model import (
     Split,
+    check_weights,
     enable_checkpointing,
     final_hidden,
     load_model,
@@ -111,6 +112,7 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
         check_output_free(config.out_path, overwrite=config.overwrite)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer, base_folder = load_tokenizer(config.base)
+    check_weights(base_folder)  # a damaged checkpoint fails before the data is read (load_model checks again)
     data = load_training_set(config, tokenizer, ranks, dtype, quiet=quiet)
     schedule = Schedule(
         len(data.sequences),

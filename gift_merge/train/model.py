@@ -25,6 +25,7 @@ from gift_merge.dtypes import parse_dtype
 from gift_merge.errors import GiftMergeError
 from gift_merge.hf_quiet import quiet_transformers
 from gift_merge.io.locate import locate
+from gift_merge.io.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
 from gift_merge.train.targets import OUTPUT_HEAD, choose_targets
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,21 @@ def load_tokenizer(reference: str) -> tuple[PreTrainedTokenizerBase, Path]:
     return tokenizer, folder
 
 
+def check_weights(folder: Path) -> None:
+    """Refuse a damaged safetensors checkpoint in one line naming the file, as a merge does.
+
+    transformers reads ``model.safetensors``, else the shards of ``model.safetensors.index.json``, and on a
+    damaged header or a truncated shard ends in safetensors' own message and a traceback. Opening the
+    folder with the merge's :class:`CheckpointReader` checks those files' headers, sizes and index as
+    strictly as ``validate`` does, in milliseconds, reading no tensor. A folder with neither file is left
+    to transformers (pickled ``.bin`` weights, which it loads with ``weights_only``).
+    """
+    if (folder / SINGLE_NAME).is_file() or (folder / INDEX_NAME).is_file():
+        CheckpointReader(folder)
+
+
 def load_model(folder: Path, dtype: torch.dtype, device: torch.device, *, quiet: bool = False) -> PreTrainedModel:
+    check_weights(folder)
     # transformers' loading bar is useful on a terminal for a large model, and noise in a log file
     with quiet_transformers() if quiet or not sys.stderr.isatty() else contextlib.nullcontext():
         try:

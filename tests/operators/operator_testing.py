@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gift_merge.dtypes import FLOAT32
+from gift_merge.engine.backend import NUMPY, Backend
 from gift_merge.operators import REQUIRED, MergeInputs, Operator, Param, generator_for
-from gift_merge.operators.base import seed_for
+from gift_merge.operators.base import Operands, Output, seed_for
 
 SHAPES = [(7,), (64,), (5, 13), (24, 40)]
 """1-D and 2-D; (7,), (64,) and (5, 13) have fewer than 100 elements."""
@@ -129,3 +131,37 @@ def assert_matches(actual: torch.Tensor, expected: np.ndarray, rtol: float = 1e-
     assert tuple(actual.shape) == expected.shape
     scale = max(1.0, float(np.abs(expected).max()))
     np.testing.assert_allclose(f64(actual), expected, rtol=rtol, atol=rtol * 0.1 * scale)
+
+
+class ArraySource:
+    """A method's input held whole in memory (numpy array or tensor), read a flat slice at a time."""
+
+    def __init__(self, values: Any) -> None:
+        self.flat = values.reshape(-1)
+
+    def read(self, part: slice) -> Any:
+        return self.flat[part]
+
+
+def apply(op: Operator, inputs: MergeInputs, backend: Backend = NUMPY) -> torch.Tensor:
+    """``op`` on whole float32 tensors: its implementation (:attr:`Operator.merge`) on ``backend`` (numpy
+    unless told), the inputs read slice by slice as the engine's sources are."""
+    shape = tuple(inputs.tensors[0].shape)
+
+    def source(tensor: torch.Tensor) -> ArraySource:
+        return ArraySource(tensor.detach().cpu().numpy() if backend is NUMPY else tensor)
+
+    operands = Operands(
+        sources=[source(t) for t in inputs.tensors],
+        base=source(inputs.base) if inputs.base is not None else None,
+        shape=shape,
+        backend=backend,
+        out=Output(backend, int(np.prod(shape)), FLOAT32),
+        model_params=inputs.model_params,
+        params=inputs.params,
+        generator=inputs.generator,
+        tensor_name=inputs.tensor_name,
+    )
+    op.merge(operands)
+    values = operands.out.values.reshape(shape)
+    return torch.from_numpy(values.copy()) if backend is NUMPY else values

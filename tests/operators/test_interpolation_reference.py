@@ -11,7 +11,7 @@ import torch
 from gift_merge.errors import GiftMergeError
 from gift_merge.operators import OPERATORS
 
-from .operator_testing import SEEDS, SHAPES, assert_matches, f64, make_inputs, random_case
+from .operator_testing import SEEDS, SHAPES, apply, assert_matches, f64, make_inputs, random_case
 
 
 def slerp_reference(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
@@ -32,9 +32,9 @@ def test_slerp(shape: tuple[int, ...], seed: int) -> None:
     for spread in (0.3, 2.0):
         base, (model,) = random_case(shape, 1, seed, spread=spread)
         for t in (0.0, 0.25, 0.8, 1.0):
-            out = op.apply(make_inputs(op, [model], base, global_values={"t": t}))
+            out = apply(op, make_inputs(op, [model], base, global_values={"t": t}))
             assert_matches(out, slerp_reference(t, f64(base), f64(model)))
-        assert torch.equal(op.apply(make_inputs(op, [model], base, global_values={"t": 0.0})), base)
+        assert torch.equal(apply(op, make_inputs(op, [model], base, global_values={"t": 0.0})), base)
 
 
 def test_slerp_near_parallel_falls_back_to_lerp() -> None:
@@ -42,14 +42,14 @@ def test_slerp_near_parallel_falls_back_to_lerp() -> None:
     base, _ = random_case((20, 30), 1, seed=0)
     g = torch.Generator().manual_seed(9)
     model = 1.7 * base + 0.01 * torch.randn(base.shape, generator=g)  # cos ≈ 0.99998
-    out = op.apply(make_inputs(op, [model], base, global_values={"t": 0.4}))
+    out = apply(op, make_inputs(op, [model], base, global_values={"t": 0.4}))
     assert_matches(out, 0.6 * f64(base) + 0.4 * f64(model))
     close = base + 0.1 * torch.randn(base.shape, generator=g)  # cos ≈ 0.995: still a true slerp
-    out = op.apply(make_inputs(op, [close], base, global_values={"t": 0.4}))
+    out = apply(op, make_inputs(op, [close], base, global_values={"t": 0.4}))
     assert_matches(out, slerp_reference(0.4, f64(base), f64(close)))
     assert not np.allclose(f64(out), 0.6 * f64(base) + 0.4 * f64(close), rtol=1e-5, atol=0)
     opposite = -base  # antiparallel: also the lerp branch, not a division by sin π
-    out = op.apply(make_inputs(op, [opposite], base, global_values={"t": 0.5}))
+    out = apply(op, make_inputs(op, [opposite], base, global_values={"t": 0.5}))
     assert_matches(out, np.zeros(base.shape))
 
 
@@ -85,9 +85,9 @@ def test_nuslerp_options_with_and_without_base(shape: tuple[int, ...], seed: int
     for flatten in (True, False):
         for row_wise in (False, True):
             options = {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
-            out = op.apply(make_inputs(op, models, None, weights, options))
+            out = apply(op, make_inputs(op, models, None, weights, options))
             assert_matches(out, nuslerp_reference(t, f64(models[0]), f64(models[1]), flatten, row_wise))
-            out = op.apply(make_inputs(op, models, base, weights, options))
+            out = apply(op, make_inputs(op, models, base, weights, options))
             b = f64(base)
             expected = b + nuslerp_reference(t, f64(models[0]) - b, f64(models[1]) - b, flatten, row_wise)
             assert_matches(out, expected)
@@ -97,7 +97,7 @@ def test_nuslerp_row_wise_false_means_each_row() -> None:
     op = OPERATORS["nuslerp"]
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     b = torch.tensor([[0.0, 1.0], [0.0, 3.0]])  # row 0 at 90°, row 1 parallel
-    out = op.apply(make_inputs(op, [a, b], None, [{"weight": 1.0}, {"weight": 1.0}], {"nuslerp_flatten": False}))
+    out = apply(op, make_inputs(op, [a, b], None, [{"weight": 1.0}, {"weight": 1.0}], {"nuslerp_flatten": False}))
     s = math.sin(math.pi / 4)
     assert out.flatten().tolist() == pytest.approx([s, s, 0.0, 2.5])
 
@@ -105,8 +105,8 @@ def test_nuslerp_row_wise_false_means_each_row() -> None:
 def test_nuslerp_zero_weight_sum_uses_half() -> None:
     op = OPERATORS["nuslerp"]
     _, models = random_case((6, 5), 2, seed=1, spread=1.0)
-    even = op.apply(make_inputs(op, models, None, [{"weight": 1.0}, {"weight": 1.0}]))
-    cancelling = op.apply(make_inputs(op, models, None, [{"weight": 1.0}, {"weight": -1.0}]))
+    even = apply(op, make_inputs(op, models, None, [{"weight": 1.0}, {"weight": 1.0}]))
+    cancelling = apply(op, make_inputs(op, models, None, [{"weight": 1.0}, {"weight": -1.0}]))
     assert torch.allclose(even, cancelling)
 
 
@@ -132,9 +132,9 @@ def test_multislerp_with_and_without_base(shape: tuple[int, ...], seed: int) -> 
     for normalize in (True, False):
         values = [{"weight": w} for w in weights]
         options = {"normalize_weights": normalize}
-        out = op.apply(make_inputs(op, models, None, values, options))
+        out = apply(op, make_inputs(op, models, None, values, options))
         assert_matches(out, multislerp_reference([f64(m) for m in models], weights, normalize, 1e-8))
-        out = op.apply(make_inputs(op, models, base, values, options))
+        out = apply(op, make_inputs(op, models, base, values, options))
         b = f64(base)
         assert_matches(out, b + multislerp_reference([f64(m) - b for m in models], weights, normalize, 1e-8))
 
@@ -142,11 +142,11 @@ def test_multislerp_with_and_without_base(shape: tuple[int, ...], seed: int) -> 
 def test_multislerp_antipodal_inputs() -> None:
     op = OPERATORS["multislerp"]
     x = torch.tensor([1.0, -2.0, 0.5])
-    two = op.apply(make_inputs(op, [x, -x], None, [{"weight": 1.0}, {"weight": 1.0}]))
+    two = apply(op, make_inputs(op, [x, -x], None, [{"weight": 1.0}, {"weight": 1.0}]))
     assert torch.allclose(two, torch.zeros(3))  # fallback: the linear combination
     with pytest.raises(GiftMergeError, match="weighted mean direction of t9 is zero"):
-        op.apply(make_inputs(op, [x, -x, x, -x], None, [{"weight": 1.0}] * 4, name="t9"))
-    assert torch.equal(op.apply(make_inputs(op, [x], None, [{"weight": 0.3}])), x)
+        apply(op, make_inputs(op, [x, -x, x, -x], None, [{"weight": 1.0}] * 4, name="t9"))
+    assert torch.equal(apply(op, make_inputs(op, [x], None, [{"weight": 0.3}])), x)
 
 
 def karcher_reference(xs: list[np.ndarray], max_iter: int, tol: float) -> np.ndarray:
@@ -178,7 +178,7 @@ def test_karcher(shape: tuple[int, ...], seed: int) -> None:
     _, models = random_case(shape, 3, seed, spread=1.0)
     models[1] = models[1] * 3.0  # different norms: the scale is their mean
     for options in ({}, {"max_iter": 1}, {"max_iter": 50, "tol": 1e-7}):
-        out = op.apply(make_inputs(op, models, None, global_values=options))
+        out = apply(op, make_inputs(op, models, None, global_values=options))
         expected = karcher_reference([f64(m) for m in models], options.get("max_iter", 10), options.get("tol", 1e-5))
         assert_matches(out, expected)
 
@@ -186,7 +186,7 @@ def test_karcher(shape: tuple[int, ...], seed: int) -> None:
 def test_karcher_zero_tensor_counts_in_the_scale_only() -> None:
     op = OPERATORS["karcher"]
     x = torch.tensor([3.0, 4.0])
-    out = op.apply(make_inputs(op, [x, torch.zeros(2), 2 * x], None))
+    out = apply(op, make_inputs(op, [x, torch.zeros(2), 2 * x], None))
     # direction of the two non-zero inputs is x/5; scale (5 + 0 + 10)/3
     assert out.tolist() == pytest.approx([3.0, 4.0])
-    assert torch.equal(op.apply(make_inputs(op, [torch.zeros(2), torch.zeros(2)], None)), torch.zeros(2))
+    assert torch.equal(apply(op, make_inputs(op, [torch.zeros(2), torch.zeros(2)], None)), torch.zeros(2))

@@ -24,7 +24,7 @@ def test_unknown_name_suggests_the_closest() -> None:
 
 
 def test_duplicate_names_fail_loudly() -> None:
-    op = Operator(name="linear", apply=lambda inputs: inputs.tensors[0])
+    op = Operator(name="linear", merge=OPERATORS["passthrough"].merge)
     with pytest.raises(ValueError, match="duplicate merge operator name 'linear'"):
         register((OPERATORS["linear"], op))
 
@@ -64,3 +64,28 @@ def test_multislerp_rejects_normalizing_by_zero() -> None:
     weights = [{"weight": 1.0}, {"weight": -1.0}]
     assert "normalize_weights" in (run_check("multislerp", weights) or "")
     assert run_check("multislerp", weights, {"normalize_weights": False}) is None
+
+
+def test_the_architecture_docs_example_method_runs() -> None:
+    """docs/architecture.md's smallest complete method is real code: it registers and merges."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from gift_merge.operators import Operator
+
+    from .operator_testing import apply, make_inputs
+
+    text = (Path(__file__).parents[2] / "docs" / "architecture.md").read_text()
+    example = re.search(r"```python\n(.*?)```", text, re.S)
+    assert example is not None
+    namespace: dict[str, object] = {"__name__": "gift_merge.operators.midpoint"}
+    exec(
+        compile(example.group(1).replace("from .base", "from gift_merge.operators.base"), "midpoint", "exec"), namespace
+    )
+    midpoint = namespace["MIDPOINT"]
+    assert isinstance(midpoint, Operator)
+    base, other = torch.randn(5, 7), torch.randn(5, 7)
+    out = apply(midpoint, make_inputs(midpoint, [other], base))
+    torch.testing.assert_close(out, base + (other - base) * 0.5, rtol=0, atol=0)

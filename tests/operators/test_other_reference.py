@@ -10,7 +10,7 @@ import torch
 
 from gift_merge.operators import OPERATORS
 
-from .operator_testing import SEEDS, SHAPES, assert_matches, f64, make_inputs, random_case, random_weights
+from .operator_testing import SEEDS, SHAPES, apply, assert_matches, f64, make_inputs, random_case, random_weights
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -22,8 +22,8 @@ def test_linear(shape: tuple[int, ...], seed: int) -> None:
     weights[1] = -0.3
     values = [{"weight": w} for w in weights]
     weighted = sum(w * f64(m) for w, m in zip(weights, models, strict=True))
-    assert_matches(op.apply(make_inputs(op, models, None, values)), weighted / sum(weights))
-    assert_matches(op.apply(make_inputs(op, models, None, values, {"normalize": False})), weighted)
+    assert_matches(apply(op, make_inputs(op, models, None, values)), weighted / sum(weights))
+    assert_matches(apply(op, make_inputs(op, models, None, values, {"normalize": False})), weighted)
 
 
 def model_stock_reference(base: np.ndarray, models: list[np.ndarray], filter_wise: bool) -> np.ndarray:
@@ -52,7 +52,7 @@ def test_model_stock(n: int, shape: tuple[int, ...], seed: int) -> None:
     op = OPERATORS["model_stock"]
     base, models = random_case(shape, n, seed)
     for filter_wise in (False, True):
-        out = op.apply(make_inputs(op, models, base, global_values={"filter_wise": filter_wise}))
+        out = apply(op, make_inputs(op, models, base, global_values={"filter_wise": filter_wise}))
         assert_matches(out, model_stock_reference(f64(base), [f64(m) for m in models], filter_wise))
 
 
@@ -62,7 +62,7 @@ def test_model_stock_two_models_by_hand() -> None:
     models = [torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5 * math.sqrt(3)])]  # 60° apart: cos = ½
     t = 2 * 0.5 / (1 + 0.5)
     expected = t * (f64(models[0]) + f64(models[1])) / 2
-    assert_matches(op.apply(make_inputs(op, models, base)), expected)
+    assert_matches(apply(op, make_inputs(op, models, base)), expected)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -73,9 +73,9 @@ def test_nearswap(shape: tuple[int, ...], seed: int) -> None:
     a, b = f64(base), f64(model)
     for t in (0.0, 1e-3, 0.2, 0.7, 10.0):
         weight = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0, 1)
-        out = op.apply(make_inputs(op, [model], base, global_values={"t": t}))
+        out = apply(op, make_inputs(op, [model], base, global_values={"t": t}))
         assert_matches(out, weight * b + (1 - weight) * a)
-    assert torch.equal(op.apply(make_inputs(op, [model], base, global_values={"t": 0.0})), base)
+    assert torch.equal(apply(op, make_inputs(op, [model], base, global_values={"t": 0.0})), base)
 
 
 def sce_reference(base: np.ndarray, models: list[np.ndarray], select_topk: float) -> np.ndarray:
@@ -102,7 +102,7 @@ def test_sce(shape: tuple[int, ...], seed: int) -> None:
     base, models = random_case(shape, 3, seed)
     models[2] = base + 0.01 * (models[2] - base)  # a low-energy model: small ω
     for select_topk in (1.0, 0.7, 0.2):
-        out = op.apply(make_inputs(op, models, base, global_values={"select_topk": select_topk}))
+        out = apply(op, make_inputs(op, models, base, global_values={"select_topk": select_topk}))
         assert_matches(out, sce_reference(f64(base), [f64(m) for m in models], select_topk))
 
 
@@ -113,7 +113,7 @@ def test_sce_weights_small_deltas_by_energy() -> None:
     models = [torch.full((4,), 1e-4), torch.full((4,), 3e-4)]
     omega = np.array([1.0, 9.0]) / 10
     expected = (omega[0] * 1e-4 + omega[1] * 3e-4) / omega.sum()
-    assert op.apply(make_inputs(op, models, base)).tolist() == pytest.approx([expected] * 4, rel=1e-5)
+    assert apply(op, make_inputs(op, models, base)).tolist() == pytest.approx([expected] * 4, rel=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -121,4 +121,4 @@ def test_passthrough(shape: tuple[int, ...]) -> None:
     op = OPERATORS["passthrough"]
     _, (model,) = random_case(shape, 1, 0)
     for scale in (1.0, 0.0, -2.5):
-        assert_matches(op.apply(make_inputs(op, [model], None, [{"scale": scale}])), scale * f64(model))
+        assert_matches(apply(op, make_inputs(op, [model], None, [{"scale": scale}])), scale * f64(model))

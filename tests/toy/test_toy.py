@@ -132,3 +132,21 @@ def test_task_format_is_the_whole_response() -> None:
 @pytest.mark.parametrize("name", ["toy_task", "toy_instruct"])
 def test_toy_tasks_are_shipped(name: str) -> None:
     assert name in SHIPPED_TASKS and (TASKS_DIR / f"{name}.yaml").is_file()
+
+
+def test_pretraining_windows_start_at_a_document_and_follow_the_stream() -> None:
+    """Each window is the stream's next documents from a document's first token, cut at the window's
+    end; what a window cuts off is dropped, never continued in the next window."""
+    tokenizer = build_tokenizer()
+    windows = corpus.token_batches(tokenizer, seed=3, steps=2, batch_size=4, length=48).view(-1, 48).tolist()
+    rng = random.Random("pretrain-3")
+    stream = [tokenizer(corpus.document(rng), add_special_tokens=False)["input_ids"] for _ in range(512)]
+    expected, current = [], []
+    for ids in stream:
+        current += ids[: 48 - len(current)]
+        if len(current) == 48:
+            expected.append(current)
+            current = []
+        if len(expected) == len(windows):
+            break
+    assert windows == expected

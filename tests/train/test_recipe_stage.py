@@ -186,6 +186,7 @@ def test_pipeline_with_annotation_validates_and_plans(tiny: dict[str, Path], tmp
     result = CliRunner().invoke(main, ["plan", str(recipe)])
     assert result.exit_code == 0
     assert f"# stage adapter: train gift LoRA (r 4, alpha 8) on {tiny['base']}" in result.output
+    assert "training adapter not estimated" in result.output  # only merges are probed
 
 
 def test_a_recipe_that_only_trains_writes_the_adapter_to_out(
