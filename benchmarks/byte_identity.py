@@ -375,7 +375,7 @@ def build_inputs(root: Path, new: Path) -> dict[str, dict[str, Path]]:
 
     import gift_merge
     from gift_merge.hf_quiet import quiet_transformers
-    from gift_merge.tiny_models import build_family
+    from gift_merge.toy.tiny_models import build_family
     from tests.adapter_variants import VARIANTS, make_adapter
 
     if Path(gift_merge.__file__).resolve().parent != (new / "gift_merge").resolve():

@@ -61,7 +61,7 @@ def main(root: Path | None = None, *, smoke: bool = False) -> int:
 def _quickstart(root: Path) -> Path:
     from gift_merge.merge import MergeOptions, run_recipe
     from gift_merge.recipe import load_recipe
-    from gift_merge.tiny_models import build_adapter, build_family
+    from gift_merge.toy.tiny_models import build_adapter, build_family
 
     models = root / "demo" / "models"
     if not (models / "code" / "config.json").is_file():

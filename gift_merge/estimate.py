@@ -41,10 +41,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gift_merge import blocks
-from gift_merge.execute import DEFAULT_MEMORY_BUDGET, working_sets
+from gift_merge.engine import blocks
+from gift_merge.engine.executor import DEFAULT_MEMORY_BUDGET, working_sets
+from gift_merge.inputs import ModelInfo
 from gift_merge.io.origin import hub_origin, weight_files
-from gift_merge.models import ModelInfo
 from gift_merge.operators import get_operator
 from gift_merge.plan import MergePlan, TensorJob
 
@@ -384,7 +384,7 @@ def replay(durations: list[float], costs: list[int], workers: int, together: flo
 
 def peak_held(sizes: list[int], costs: list[int], workers: int, budget: int = DEFAULT_MEMORY_BUDGET) -> int:
     """The largest sum of ``sizes`` of jobs in flight together when the executor admits jobs by their
-    estimated working sets ``costs`` (:func:`gift_merge.execute.peak_in_flight`'s rule, jobs finishing in
+    estimated working sets ``costs`` (:func:`gift_merge.engine.executor.peak_in_flight`'s rule, jobs finishing in
     order)."""
     pending: list[int] = []
     in_flight = held = peak = 0
@@ -401,7 +401,7 @@ def peak_held(sizes: list[int], costs: list[int], workers: int, budget: int = DE
 
 
 def _engine(plan: MergePlan, device: str, engine: str) -> str:
-    from gift_merge.execute import choose_engine
+    from gift_merge.engine.executor import choose_engine
 
     return choose_engine(plan, device, engine)
 

@@ -15,21 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from gift_merge.architecture import detect_layout
+from gift_merge.engine.executor import choose_engine, default_workers, estimated_peak, execute_plan
 from gift_merge.errors import GiftMergeError
 from gift_merge.estimate import RunJobs, StageEstimate, describe_memory, estimate_stage, format_seconds, private_bytes
-from gift_merge.execute import choose_engine, default_workers, estimated_peak, execute_plan
+from gift_merge.inputs import ModelInfo, ModelResolver
 from gift_merge.io import artifacts, origin
 from gift_merge.io.disk import check_room
 from gift_merge.io.finite import InputWatch, NonFinite
 from gift_merge.io.locks import output_lock
 from gift_merge.io.writer import atomic_output_folder, check_output_free
-from gift_merge.models import ModelInfo, ModelResolver
 from gift_merge.plan import MergePlan, plan_stage
 from gift_merge.recipe.loader import stage_dependencies
 from gift_merge.recipe.schema import Recipe, Stage, TrainStage
 from gift_merge.reuse import input_fingerprint, record_inputs, stage_is_reusable
 from gift_merge.train.output import PROVENANCE_NAME
-from gift_merge.train.stage import TrainPlan, plan_training, run_training, training_is_current
+from gift_merge.train_stage import TrainPlan, plan_training, run_training, training_is_current
 
 log = logging.getLogger("gift_merge")
 DEFAULT_SHARD_BYTES = 5 * 10**9

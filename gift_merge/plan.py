@@ -15,7 +15,7 @@ from typing import Any
 from gift_merge.architecture import is_pre_weight, is_vocab_tensor
 from gift_merge.dtypes import FLOAT32, FLOAT64, DType, dtype_name, parse_dtype
 from gift_merge.errors import GiftMergeError
-from gift_merge.models import ModelInfo, ModelResolver, require_output_config
+from gift_merge.inputs import ModelInfo, ModelResolver, require_output_config
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import Operator, Param
 from gift_merge.recipe.schema import InputModel, MergeStage, ModelRef

@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 @pytest.fixture(scope="session")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     """``families[arch]["base" | "instruct" | "math" | "code"]`` for llama, qwen2 and gpt2 (sharded)."""
-    from gift_merge.tiny_models import build_family
+    from gift_merge.toy.tiny_models import build_family
 
     root = tmp_path_factory.mktemp("families")
     return {arch: build_family(root / arch, arch, seed=7) for arch in ("llama", "qwen2", "gpt2")}

@@ -53,7 +53,7 @@ def test_transfer_equals_peft_merge_and_unload(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if streamed:  # force the executor's row-block path (taken for large tensors) onto the tiny ones
-        import gift_merge.blocks as blocks
+        import gift_merge.engine.blocks as blocks
 
         monkeypatch.setattr(blocks, "CHUNK_FROM", 1)
         monkeypatch.setattr(blocks, "ELEMENTWISE_CHUNK", 200)
@@ -157,8 +157,8 @@ def test_adapter_errors_name_the_module(
 
 
 def test_unrelated_base_warns(tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path]) -> None:
+    from gift_merge.inputs import ModelResolver, _family
     from gift_merge.io.adapter import AdapterReader
-    from gift_merge.models import ModelResolver, _family
 
     assert _family("Qwen/Qwen2.5-0.5B-Instruct") == _family("Qwen/Qwen2.5-0.5B")
     assert _family("meta-llama/Llama-3.1-8B") != _family("Qwen/Qwen2.5-7B-Instruct")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import gift_merge.blocks as blocks
+import gift_merge.engine.blocks as blocks
 from gift_merge.cli import main
 
 RECIPES = {

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from gift_merge.cli import main
+from gift_merge.engine.executor import peak_in_flight
 from gift_merge.estimate import (
     StageEstimate,
     describe_memory,
@@ -22,7 +23,6 @@ from gift_merge.estimate import (
     resident_pages,
     substitutes_for,
 )
-from gift_merge.execute import peak_in_flight
 from gift_merge.merge import MergeOptions, estimate, plan_recipe
 from gift_merge.recipe import parse_recipe
 

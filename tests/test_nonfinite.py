@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-import gift_merge.blocks as blocks
+import gift_merge.engine.blocks as blocks
 import gift_merge.io.finite as finite
 from gift_merge.cli import main
 from gift_merge.dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, INT32, DType

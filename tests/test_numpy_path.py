@@ -14,17 +14,17 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import gift_merge.blocks as blocks
+import gift_merge.engine.blocks as blocks
 import gift_merge.engine.selection as selection
 import gift_merge.operators.base as operator_base
 import gift_merge.operators.reductions as reductions
 from gift_merge.cli import main
 from gift_merge.dtypes import BFLOAT16, FLOAT16, FLOAT32, DType
-from gift_merge.execute import choose_engine
-from gift_merge.floatbits import narrow, to_float32, widen
+from gift_merge.engine.executor import choose_engine
+from gift_merge.engine.floatbits import narrow, to_float32, widen
 from gift_merge.merge import plan_recipe
 from gift_merge.recipe import load_recipe
-from gift_merge.tiny_models import build_family
+from gift_merge.toy.tiny_models import build_family
 from tests.adapter_variants import VARIANTS
 from tests.test_chunking import digest
 

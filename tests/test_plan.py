@@ -81,7 +81,7 @@ def test_larger_vocab_is_trimmed_to_the_base_with_a_warning(tmp_path: Path, llam
 
 
 def test_models_with_different_depths_need_slices(tmp_path: Path, llama: dict[str, Path]) -> None:
-    from gift_merge.tiny_models import build_model
+    from gift_merge.toy.tiny_models import build_model
 
     deep = build_model(tmp_path / "deep", "llama", seed=3, num_layers=4, tokenizer_dir=llama["base"])
     text = f"merge_method: linear\nmodels:\n  - {{model: {llama['math']}, parameters: {{weight: 1}}}}\n  - {{model: {deep}, parameters: {{weight: 1}}}}\n"

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from gift_merge.cli import main
-from gift_merge.tiny_models import build_adapter, build_family
+from gift_merge.toy.tiny_models import build_adapter, build_family
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

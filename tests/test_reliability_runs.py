@@ -176,7 +176,7 @@ def test_a_disk_too_small_refuses_before_merging(
 
 
 def test_peak_in_flight_replays_the_executors_admission_rule() -> None:
-    from gift_merge.execute import peak_in_flight
+    from gift_merge.engine.executor import peak_in_flight
 
     assert peak_in_flight([5, 5, 5, 5], workers=1, budget=100) == 10  # at most workers + 1 jobs at once
     assert peak_in_flight([5, 5, 5, 5], workers=2, budget=100) == 15

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gift_merge.errors import GiftMergeError
-from gift_merge.tiny_models import ARCHS, build_family, build_model, build_tokenizer
+from gift_merge.toy.tiny_models import ARCHS, build_family, build_model, build_tokenizer
 
 MEMBERS = ("base", "instruct", "math", "code")
 

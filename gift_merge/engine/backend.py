@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gift_merge.dtypes import DType
-from gift_merge.floatbits import narrow, to_math
+from gift_merge.engine.floatbits import narrow, to_math
 from gift_merge.lazy import torch
 
 from .selection import kth_largest_and_count

@@ -18,9 +18,9 @@ from gift_merge.architecture import detect_layout, is_pre_weight
 from gift_merge.errors import GiftMergeError
 from gift_merge.extract.modules import ModelModules, describe_modules
 from gift_merge.extract.options import ExtractOptions
+from gift_merge.inputs import read_config
 from gift_merge.io.adapter import PREFIX
 from gift_merge.io.reader import CheckpointReader
-from gift_merge.models import read_config
 
 Layout = Literal["linear", "conv1d", "embedding"]
 

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from gift_merge.engine.floatbits import to_math
 from gift_merge.errors import GiftMergeError
-from gift_merge.floatbits import to_math
 from gift_merge.io.reader import CheckpointReader, pickle_allowed
 from gift_merge.lazy import torch
 

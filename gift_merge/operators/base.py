@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from gift_merge import blocks
 from gift_merge.dtypes import DType
+from gift_merge.engine import blocks
 
 if TYPE_CHECKING:
     from gift_merge.engine.backend import Backend
@@ -140,7 +140,7 @@ class Operands(Generic[Array]):
             yield slice(start, min(start + size, self.numel))
 
     def row_chunks(self) -> Iterator[slice]:
-        """Flat slices of whole rows, :mod:`gift_merge.blocks`' blocks: the blocks an adapter's ΔW is formed
+        """Flat slices of whole rows, :mod:`gift_merge.engine.blocks`' blocks: the blocks an adapter's ΔW is formed
         in, so elementwise methods see the same ΔW bits whatever else runs."""
         width = self.numel // self.shape[0] if self.shape and self.shape[0] else 1
         for rows in blocks.row_blocks(self.shape):

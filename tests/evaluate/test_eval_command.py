@@ -92,7 +92,7 @@ def test_sampled_answers_equal_lm_eval_api_for_the_same_seed(llama: dict[str, Pa
 
 def test_model_plus_adapter_is_peft_merged(llama: dict[str, Path], tmp_path: Path) -> None:
     """``MODEL+ADAPTER`` scores what gift-merge's exact transfer writes, to float rounding."""
-    from gift_merge.tiny_models import build_adapter
+    from gift_merge.toy.tiny_models import build_adapter
 
     adapter = build_adapter(llama["base"], tmp_path / "adapter", seed=5, scale=0.2)
     recipe = tmp_path / "transfer.yaml"

@@ -144,7 +144,7 @@ def bos_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     from tokenizers import processors
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gift_merge.tiny_models import build_tokenizer
+    from gift_merge.toy.tiny_models import build_tokenizer
 
     tokenizer = build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
     tokenizer.add_special_tokens({"bos_token": LLAMA3_SPECIALS[0], "additional_special_tokens": LLAMA3_SPECIALS})

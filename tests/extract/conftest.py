@@ -23,7 +23,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from gift_merge.tiny_models import SHARD_SIZE, build_model
+    from gift_merge.toy.tiny_models import SHARD_SIZE, build_model
 
     root = tmp_path_factory.mktemp("extract-bases")
     return {arch: build_model(root / arch, arch, seed=11, max_shard_size=SHARD_SIZE) for arch in ARCHS}
@@ -53,7 +53,7 @@ def everything(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def noisy_llama(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A full-rank fine-tune: the base plus small Gaussian noise everywhere (a slowly decaying spectrum)."""
-    from gift_merge.tiny_models import build_model
+    from gift_merge.toy.tiny_models import build_model
 
     root = tmp_path_factory.mktemp("extract-noisy")
     return build_model(root / "llama", "llama", seed=12, perturb_from=bases["llama"], perturb_scale=1e-2)

@@ -26,7 +26,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="package")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``base`` and ``instruct`` tiny Llamas (ChatML template, 384-token BPE), unsharded for speed."""
-    from gift_merge.tiny_models import build_family
+    from gift_merge.toy.tiny_models import build_family
 
     return build_family(tmp_path_factory.mktemp("gift-train") / "llama", "llama", seed=11, sharded=False)
 

@@ -15,7 +15,7 @@ from gift_merge.cli import main
 from gift_merge.merge import MergeOptions, plan_recipe, run_recipe
 from gift_merge.recipe import load_recipe
 from gift_merge.train import TrainConfig, train
-from gift_merge.train.stage import TrainPlan
+from gift_merge.train_stage import TrainPlan
 
 from .conftest import MAX_LENGTH, train_options
 

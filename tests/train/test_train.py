@@ -172,7 +172,7 @@ def test_authors_annotation_file_trains_as_is(tiny: dict[str, Path], annotated: 
 
 
 def test_gpt2_trains_on_its_equivalent_projections(tmp_path: Path) -> None:
-    from gift_merge.tiny_models import build_model
+    from gift_merge.toy.tiny_models import build_model
 
     gpt2 = build_model(tmp_path / "gpt2", "gpt2", seed=1, num_layers=2)
     family = {"base": gpt2, "instruct": gpt2}

@@ -16,7 +16,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from gift_merge.cli_support import handle_errors
+from gift_merge.cli.support import handle_errors
 from gift_merge.train.config import AnnotateConfig, TrainConfig, _Config, field_docs, metavar, train_config_from_yaml
 
 F = Callable[..., Any]

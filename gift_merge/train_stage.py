@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gift_merge.errors import GiftMergeError
+from gift_merge.inputs import ModelInfo, ModelResolver
 from gift_merge.io import artifacts
 from gift_merge.io.adapter import CONFIG_NAME, Patch
-from gift_merge.models import ModelInfo, ModelResolver
 from gift_merge.recipe.schema import TrainStage
 from gift_merge.train.config import TrainConfig
 from gift_merge.train.data import file_sha256, iter_jsonl

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gift_merge.cli_support import check_device, handle_errors
+from gift_merge.cli.support import check_device, handle_errors
 from gift_merge.errors import GiftMergeError
 
 

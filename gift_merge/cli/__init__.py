@@ -12,14 +12,14 @@ from pathlib import Path
 
 import click
 
-from gift_merge.allocator import enable_huge_pages, one_blas_thread
-from gift_merge.cli_support import check_device, handle_errors, terminate_like_interrupt
+from gift_merge.cli.evaluate import eval_command
+from gift_merge.cli.extract import extract_lora_command
+from gift_merge.cli.support import check_device, handle_errors, terminate_like_interrupt
+from gift_merge.cli.train import annotate as annotate_command
+from gift_merge.cli.train import train as train_command
+from gift_merge.engine.allocator import enable_huge_pages, one_blas_thread
 from gift_merge.errors import GiftMergeError
-from gift_merge.evaluate.cli import eval_command
-from gift_merge.extract.cli import extract_lora_command
 from gift_merge.io.sizes import UNITS_HELP
-from gift_merge.train.commands import annotate as annotate_command
-from gift_merge.train.commands import train as train_command
 
 enable_huge_pages()  # before anything imports torch: its allocator reads the switch once
 one_blas_thread()  # before anything imports numpy: OpenBLAS reads it once
@@ -73,7 +73,7 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
         seed: int, workers: int | None, intermediate_dir: Path | None, engine: str, strict: bool,
         hash_inputs: bool, quiet_here: bool) -> None:  # fmt: skip
     """Merge the models in RECIPE into OUT (or the recipe's `output:`)."""
-    from gift_merge.allocator import reuse_large_buffers
+    from gift_merge.engine.allocator import reuse_large_buffers
     from gift_merge.io.sizes import parse_size
     from gift_merge.merge import MergeOptions, run_recipe
     from gift_merge.recipe import load_recipe
@@ -142,7 +142,7 @@ def validate(recipe: Path) -> None:
     """Check RECIPE and every model it names, reading no weights."""
     from gift_merge.merge import plan_recipe
     from gift_merge.recipe import load_recipe
-    from gift_merge.train.stage import TrainPlan
+    from gift_merge.train_stage import TrainPlan
 
     plans = plan_recipe(load_recipe(recipe))
     jobs = sum(len(p.jobs) for p in plans if not isinstance(p, TrainPlan))
@@ -156,8 +156,9 @@ def validate(recipe: Path) -> None:
 @handle_errors
 def plan(recipe: Path) -> None:
     """Print the resolved job of every output tensor, and what the run will cost on this machine."""
-    from gift_merge.allocator import reuse_large_buffers
+    from gift_merge.engine.allocator import reuse_large_buffers
     from gift_merge.engine.compute import numpy_unsupported
+    from gift_merge.engine.executor import estimated_peak
     from gift_merge.estimate import (
         StageEstimate,
         describe_memory,
@@ -166,11 +167,10 @@ def plan(recipe: Path) -> None:
         process_age,
         substitutes_for,
     )
-    from gift_merge.execute import estimated_peak
     from gift_merge.merge import MergeOptions, estimate, plan_recipe, resolve_output
     from gift_merge.plan import describe_job
     from gift_merge.recipe import load_recipe
-    from gift_merge.train.stage import TrainPlan
+    from gift_merge.train_stage import TrainPlan
 
     reuse_large_buffers()  # the probe runs under the allocator settings `run` uses
     loaded = load_recipe(recipe)
@@ -279,6 +279,3 @@ main.add_command(annotate_command)
 main.add_command(train_command)
 main.add_command(extract_lora_command)
 main.add_command(eval_command)
-
-if __name__ == "__main__":
-    main()
