@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m 'slow or not slow'
 
 demo: $(STAMP)
 	$(BIN)/python -m gift_merge.demo $(DEMO_ARGS)

@@ -123,11 +123,15 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOpti
         final = plans[-1]
         if isinstance(final, MergePlan):  # before any stage runs: the output is what must fit at the end
             check_room(destination.parent, final.output_bytes, "the merged model")
-        _run_stages(recipe, destination, options)
+        _run_stages(recipe, destination, options, plans)
     return destination
 
 
-def _run_stages(recipe: Recipe, destination: Path, options: MergeOptions) -> None:
+def _run_stages(recipe: Recipe, destination: Path, options: MergeOptions, plans: list[StagePlan]) -> None:
+    """Build each stage that is not current, in order. A stage that reads no earlier stage runs the plan
+    made up front; one that does is planned again once those stages exist (their real outputs, and a trained
+    adapter's real patches, replace what their plans promised)."""
+    planned = {id(stage): plan for stage, plan in zip(recipe.stages, plans, strict=True)}
     folders = stage_folders(recipe, destination, options.intermediate_dir)
     resolver = stage_resolver(recipe, folders)
     rebuilt: set[str] = set()
@@ -141,9 +145,11 @@ def _run_stages(recipe: Recipe, destination: Path, options: MergeOptions) -> Non
             continue
         rebuilt.add(stage.name or "")
         full = recipe.text if final and len(recipe.stages) > 1 else None  # every stage that led to the output
+        ready = planned[id(stage)] if not stage_dependencies(stage) else None
         build_stage(
-            stage, target, folders, resolver, options, overwrite=options.overwrite or not final, full_recipe=full
-        )
+            stage, target, folders, resolver, options, overwrite=options.overwrite or not final, full_recipe=full,
+            plan=ready,
+        )  # fmt: skip
         record_inputs(target, fingerprint)
 
 
@@ -156,8 +162,10 @@ def build_stage(
     *,
     overwrite: bool,
     full_recipe: str | None = None,
+    plan: StagePlan | None = None,
 ) -> None:
-    """Train or merge one stage into ``target``; the stages it reads are built already.
+    """Train or merge one stage into ``target``; the stages it reads are built already. ``plan``, when
+    given, is the stage's plan made before any stage ran (valid while the stage reads no earlier stage).
 
     ``full_recipe``, for the last stage of a multi-document recipe, goes into the output's card and
     ``gift_merge.json`` so the output says how to rebuild it from scratch.
@@ -166,7 +174,8 @@ def build_stage(
         log.info("stage %s: training an adapter into %s", stage.name or "final", target)
         run_training(stage, target, folders, overwrite=overwrite, quiet=options.quiet)
         return
-    plan = plan_stage(stage, resolver)  # re-planned against the real outputs of earlier stages
+    if not isinstance(plan, MergePlan):
+        plan = plan_stage(stage, resolver)  # against the real outputs of the earlier stages it reads
     for warning in plan.warnings:
         log.warning(warning)
     _write_merge(plan, target, options, overwrite=overwrite, label=stage.name or "merge", full_recipe=full_recipe)

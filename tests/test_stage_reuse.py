@@ -115,3 +115,19 @@ def test_the_final_output_says_how_to_rebuild_it(workspace: Path, caplog: pytest
     assert "base_model_relation: merge" in card
     assert "name: soup" in card and "model: soup" in card  # both documents
     assert f"`{workspace / 'final-stages' / 'soup'}`" in card
+
+
+def test_a_stage_reading_no_earlier_stage_is_planned_once(
+    workspace: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """soup reads only models: the plan made up front runs. The final stage reads soup, which exists only
+    once built, so it is planned up front (against soup's plan) and again against the built soup."""
+    import gift_merge.merge as merge
+
+    planned: list[str] = []
+    real = merge.plan_stage
+    monkeypatch.setattr(
+        merge, "plan_stage", lambda stage, resolver: planned.append(stage.name or "final") or real(stage, resolver)
+    )
+    _run(workspace, caplog)
+    assert sorted(planned) == ["final", "final", "soup"]
