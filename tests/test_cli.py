@@ -211,3 +211,21 @@ def test_the_cli_loads_without_torch() -> None:
     code = "import sys, gift_merge.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False False"
+
+
+def test_a_closed_pipe_is_not_an_error() -> None:
+    """`gift-merge methods | head -1`: the listing stops quietly when its reader has gone (here the reader
+    is gone before the first line, so every run meets the broken pipe)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "gift_merge.cli", "methods"], stdout=write_end, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == "" and result.returncode == 141

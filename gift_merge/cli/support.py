@@ -7,6 +7,7 @@ it directly, and ``gift_merge.cli`` can import them at the top.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import threading
@@ -34,6 +35,9 @@ def handle_errors(func: F) -> F:
                 raise
             click.echo(f"error: {one_line(str(exc))}", err=True)
             sys.exit(2)
+        except BrokenPipeError:  # `gift-merge methods | head`: the reader is done, which is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure at exit
+            sys.exit(141)  # 128 + SIGPIPE, as a shell reports a command killed by it
         except OSError as exc:
             if debug:
                 raise
