@@ -210,10 +210,14 @@ def test_adapter_transfers_write_the_torch_paths_bytes(
         monkeypatch.setattr(blocks, "CHUNK_FROM", 1)
         monkeypatch.setattr(blocks, "ELEMENTWISE_CHUNK", 200)
     instruct = families[VARIANTS[variant.removesuffix("-delta-only")][0]]["instruct"]
-    adapter = delta_adapters[variant]
+    assert_transfers_agree(tmp_path, instruct, delta_adapters[variant], "out_dtype: bfloat16\n")
+
+
+def assert_transfers_agree(tmp_path: Path, instruct: Path, adapter: Path, extra: str = "") -> None:
+    """gift (λ 0.7) and ``model+adapter`` under passthrough run on numpy and write the torch backend's bytes."""
     texts = {
         "gift": f"merge_method: gift\nbase_model: {instruct}\nmodels:\n  - model: {adapter}\n"
-        "    parameters: {weight: 0.7}\nout_dtype: bfloat16\n",
+        f"    parameters: {{weight: 0.7}}\n{extra}",
         "patched": f"merge_method: passthrough\nmodels:\n  - model: {instruct}+{adapter}\n",
     }
     for name, text in texts.items():
@@ -228,17 +232,7 @@ def test_patches_relative_to_the_weight_write_the_torch_backends_bytes(
     tmp_path: Path, families: dict[str, dict[str, Path]], adapters: dict[str, Path], variant: str
 ) -> None:
     """DoRA, modules_to_save and saved base layers are formed on the whole weight, on numpy too."""
-    instruct = families[VARIANTS[variant][0]]["instruct"]
-    texts = {
-        "gift": f"merge_method: gift\nbase_model: {instruct}\nmodels:\n  - model: {adapters[variant]}\n"
-        "    parameters: {weight: 0.7}\n",
-        "patched": f"merge_method: passthrough\nmodels:\n  - model: {instruct}+{adapters[variant]}\n",
-    }
-    for name, text in texts.items():
-        recipe = tmp_path / f"{name}.yaml"
-        recipe.write_text(text)
-        assert choose_engine(plan_recipe(load_recipe(recipe))[-1], "cpu") == "numpy"
-        assert_engines_agree(recipe, tmp_path / name)
+    assert_transfers_agree(tmp_path, families[VARIANTS[variant][0]]["instruct"], adapters[variant])
 
 
 @pytest.mark.parametrize("method", ["linear", "dare_ties", "model_stock", "della", "sce", "nuslerp", "karcher"])

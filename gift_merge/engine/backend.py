@@ -146,7 +146,8 @@ class Backend:
 
     # ----------------------------------------------------------------------------------- storage
     def widen(self, bits: Any, stored: DType, math: DType, load: DType | None) -> Any:
-        """Stored values in the math dtype, rounded to the recipe's ``load`` dtype first."""
+        """Stored values in ``math``, rounded to the recipe's ``load`` dtype first; the caller picks ``math``
+        (float64 wherever the values are float64, :class:`~gift_merge.engine.sources.StoredSource`)."""
         return to_math(bits, stored, np.dtype(math.name), load)
 
     def output(self, count: int, dtype: DType) -> Any:
@@ -271,7 +272,7 @@ class TorchBackend(Backend):
         tensor = bits.to(self.device)
         if load is not None:
             tensor = tensor.to(load.torch)
-        return tensor.to(torch.float64 if tensor.dtype == torch.float64 else math.torch)
+        return tensor.to(math.torch)  # the caller's math dtype is float64 for float64 values already
 
     def output(self, count: int, dtype: DType) -> Any:
         return torch.empty(count, dtype=dtype.torch, device=self.device)

@@ -8,7 +8,6 @@ and the buffer (the output's stored bits) goes to the writer.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from gift_merge.io.finite import InputWatch
@@ -61,11 +60,6 @@ class MethodEngine:
         operands = self.inputs.operands(job)
         get_operator(job.operator).merge(operands)
         return self.backend.to_writer(operands.out.values.reshape(job.shape))
-
-    @staticmethod
-    def threads(workers: int) -> AbstractContextManager[object]:
-        """Nothing to split: a numpy operation runs on one core, and the executor's workers take one each."""
-        return nullcontext()
 
     @staticmethod
     def working_set(job: TensorJob) -> int:

@@ -85,24 +85,14 @@ class _Engines:
     ``--engine torch``, or stored dtypes numpy cannot read)."""
 
     def __init__(self, plan: MergePlan, device: str, seed: int, engine: str, watch: InputWatch | None) -> None:
-        self.on_torch: set[str] = set()
-        self.torch: MethodEngine | None = None
-        if device != "cpu" or engine == "torch":
-            self.main = MethodEngine(plan, seed, TorchBackend(device), watch)
-            self.on_torch = {job.name for job in plan.jobs}
-            self.torch = self.main
-            return
-        self.main = MethodEngine(plan, seed, NUMPY, watch)
-        self.on_torch = {job.name for job in plan.jobs if unsupported(plan, job) is not None}
-        if self.on_torch:
-            self.torch = MethodEngine(plan, seed, TorchBackend("cpu"), watch)
-        self.device = device
-
-    def _engine(self, job: TensorJob) -> MethodEngine:
-        return self.torch if self.torch is not None and job.name in self.on_torch else self.main
+        forced = device != "cpu" or engine == "torch"
+        self.main = MethodEngine(plan, seed, TorchBackend(device) if forced else NUMPY, watch)
+        self.on_torch = set() if forced else {job.name for job in plan.jobs if unsupported(plan, job) is not None}
+        self.torch = MethodEngine(plan, seed, TorchBackend("cpu"), watch) if self.on_torch else None
 
     def compute(self, job: TensorJob) -> Any:
-        return self._engine(job).compute(job)
+        engine = self.torch if self.torch is not None and job.name in self.on_torch else self.main
+        return engine.compute(job)
 
     def working_set(self, job: TensorJob) -> int:
         return MethodEngine.working_set(job)
@@ -110,7 +100,8 @@ class _Engines:
     def threads(self, workers: int) -> AbstractContextManager[object]:
         """On the CPU, torch's operations split the cores between the concurrent jobs instead of each
         taking all of them; numpy's run on one core each."""
-        if self.torch is None or (isinstance(self.torch.backend, TorchBackend) and not self.torch.backend.on_cpu):
+        engines = (self.main, self.torch)
+        if not any(e is not None and isinstance(e.backend, TorchBackend) and e.backend.on_cpu for e in engines):
             return nullcontext()
         return _intra_op_threads(max(1, (os.cpu_count() or 1) // workers))
 
