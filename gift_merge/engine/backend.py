@@ -14,6 +14,7 @@ bfloat16 bits), so a namespace of our own was needed anyway. What each method ca
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,14 @@ from gift_merge.engine.floatbits import narrow, to_math
 from gift_merge.lazy import torch
 
 from .selection import kth_largest_and_count
+
+
+@functools.lru_cache(maxsize=4)
+def _positions(count: int) -> np.ndarray:
+    """0 … count − 1 as uint64, read-only: the blocks of one tensor share it instead of counting again."""
+    positions = np.arange(count, dtype=np.uint64)
+    positions.flags.writeable = False
+    return positions
 
 
 class Backend:
@@ -121,28 +130,26 @@ class Backend:
         return np.flatnonzero(mask)
 
     def row_order(self, rows: Any) -> Any:
-        """Each row's indices in ascending order of its non-negative values, equal values by index (a stable
-        argsort of every row of a 2-D array).
+        """Each row's entries in ascending order of its non-negative values, equal values by index (a stable
+        argsort of every row of a 2-D array), as flat positions in ``rows``: ``flat[order]`` reads the rows
+        sorted and ``flat[order] = v`` writes back, both plain indexing.
 
-        float32 values ≥ 0 order like their bit patterns, so (bits << 32 | index) is a unique uint64 key in
-        the stable order, and numpy's SIMD sort of plain integers beats a stable float argsort several
+        float32 values ≥ 0 order like their bit patterns, so (bits << 32 | flat position) is a unique uint64
+        key in the stable order, and numpy's SIMD sort of plain integers beats a stable float argsort several
         times over; float64 rows take the stable argsort."""
+        count, width = rows.shape
         if rows.dtype != np.float32:
-            return np.argsort(rows, axis=1, kind="stable")
+            order = np.argsort(rows, axis=1, kind="stable")
+            order += np.arange(0, count * width, width)[:, None]
+            return order
+        if count * width >= 1 << 32:
+            raise ValueError(f"row_order ranks below 2³² entries at once, got {count} × {width}")
         keys = rows.view(np.uint32).astype(np.uint64)
         keys <<= np.uint64(32)
-        keys |= np.arange(rows.shape[1], dtype=np.uint64)
+        keys |= _positions(count * width).reshape(count, width)
         keys.sort(axis=1)
-        keys &= np.uint64(0xFFFFFFFF)  # the indices, in place: below 2³², so their int64 view is the same number
+        keys &= np.uint64(0xFFFFFFFF)  # the positions, in place: below 2³², so their int64 view is the same number
         return keys.view(np.int64)
-
-    def take_rows(self, values: Any, order: Any) -> Any:
-        """``values[r, order[r, j]]`` for every row r: the rows' values in ``order``."""
-        return np.take_along_axis(values, order, axis=1)
-
-    def put_rows(self, out: Any, order: Any, values: Any) -> None:
-        """``out[r, order[r, j]] = values[r, j]`` for every row r, in place."""
-        np.put_along_axis(out, order, values, axis=1)
 
     # ----------------------------------------------------------------------------------- storage
     def widen(self, bits: Any, stored: DType, math: DType, load: DType | None) -> Any:
@@ -255,13 +262,9 @@ class TorchBackend(Backend):
     def row_order(self, rows: Any) -> Any:
         if self.on_cpu:
             return torch.from_numpy(super().row_order(rows.numpy()))
-        return torch.argsort(rows, dim=1, stable=True)
-
-    def take_rows(self, values: Any, order: Any) -> Any:
-        return torch.gather(values, 1, order)
-
-    def put_rows(self, out: Any, order: Any, values: Any) -> None:
-        out.scatter_(1, order, values)
+        count, width = rows.shape
+        offsets = torch.arange(0, count * width, width, device=rows.device)[:, None]
+        return torch.argsort(rows, dim=1, stable=True) + offsets
 
     def flatnonzero(self, mask: Any) -> Any:
         if self.on_cpu:  # numpy's is ~5× faster than torch.nonzero on the CPU

@@ -83,10 +83,9 @@ def keep_mask(operands: Operands[Any], magnitude: Any, density: float, epsilon: 
     rows += rows % 2 if width % 2 else 0
     for start in range(0, operands.numel, rows * width):
         part = slice(start, min(start + rows * width, operands.numel))
-        block = magnitude[part].reshape(-1, width)
-        order = backend.row_order(block)
-        u = backend.from_host(draws.uniform(generator, part.stop - part.start)).reshape(block.shape)
-        backend.put_rows(keep[part].reshape(block.shape), order, backend.take_rows(u, order) < p_sorted)
+        order = backend.row_order(magnitude[part].reshape(-1, width))  # flat positions, each row ascending
+        u = backend.from_host(draws.uniform(generator, part.stop - part.start))
+        keep[part][order] = u[order] < p_sorted
     return keep
 
 

@@ -221,8 +221,8 @@ def test_row_order_equals_torchs_stable_argsort(seed: int) -> None:
     rows[3, 10:20] = 0.0
     rows[5, ::7] = float("nan")
     rows[6] = 0.25  # a row of one value: ranks by index
-    expected = torch.argsort(rows, dim=1, stable=True)
-    assert np.array_equal(NUMPY.row_order(rows.numpy()), expected.numpy())
+    expected = torch.argsort(rows, dim=1, stable=True) + torch.arange(0, rows.numel(), rows.shape[1])[:, None]
+    assert np.array_equal(NUMPY.row_order(rows.numpy()), expected.numpy())  # flat positions, each row stably sorted
     assert np.array_equal(NUMPY.row_order(rows.double().numpy()), expected.numpy())  # the float64 path
 
 
