@@ -2,16 +2,16 @@
 
 On the CPU the backend is numpy and nothing imports torch; on a GPU it is torch on that device. A job
 is a copy (non-float buffers, passed through as stored) or a method call: the job's inputs become
-:class:`~gift_merge.operators.base.Source` objects, the method fills the output buffer slice by slice,
-and the buffer (the output's stored bits) goes to the writer.
+:class:`~gift_merge.operators.base.Source` objects, and each slice the method writes is rounded to the
+stored dtype and goes to the writer at its final offset.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from gift_merge.io.finite import InputWatch
+from gift_merge.io.writer import ShardedWriter
 from gift_merge.operators import get_operator
+from gift_merge.operators.base import CHUNK
 from gift_merge.plan import MergePlan, TensorJob
 
 from .backend import NUMPY, Backend
@@ -53,20 +53,24 @@ class MethodEngine:
         self.backend = backend
         self.inputs = JobInputs(plan.models, plan.jobs, backend, seed, watch=watch)
 
-    def compute(self, job: TensorJob) -> Any:
-        """One output tensor's stored values: numpy bits on the CPU, a tensor on a device."""
+    def compute(self, job: TensorJob, writer: ShardedWriter) -> None:
+        """Compute one output tensor into ``writer``: a copy whole (a view of its input file), a method's
+        result slice by slice as the method writes it."""
         if job.copy:
-            return self.inputs.bits(job.inputs[0], job)
-        operands = self.inputs.operands(job)
-        get_operator(job.operator).merge(operands)
-        return self.backend.to_writer(operands.out.values.reshape(job.shape))
+            writer.write(job.name, self.inputs.bits(job.inputs[0], job))
+            return
+        sink = writer.sink(job.name)
+        get_operator(job.operator).merge(self.inputs.operands(job, sink))
+        sink.close()
 
     @staticmethod
     def working_set(job: TensorJob) -> int:
-        """Inputs are views of the page cache and slices are a few MB, so: the output buffer, plus for a
-        method with whole-tensor cuts a float32 |δ| buffer and a bool mask per model."""
+        """Inputs are views of the page cache, the output goes to disk a slice at a time, and slices are a
+        few MB, so: a few float32 slices per input, plus for a method with whole-tensor cuts a float32 |δ|
+        buffer and a bool mask per model."""
         if job.copy:
             return 0
+        slices = CHUNK * 4 * (len(job.sources) + 3)
         if get_operator(job.operator).elementwise:
-            return job.nbytes
-        return job.nbytes + job.numel * (4 + len(job.inputs))
+            return slices
+        return slices + job.numel * (4 + len(job.inputs))

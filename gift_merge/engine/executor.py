@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
 
 from gift_merge.engine.backend import NUMPY, TorchBackend
 from gift_merge.engine.compute import MethodEngine, numpy_unsupported, unsupported
@@ -90,9 +89,9 @@ class _Engines:
         self.on_torch = set() if forced else {job.name for job in plan.jobs if unsupported(plan, job) is not None}
         self.torch = MethodEngine(plan, seed, TorchBackend("cpu"), watch) if self.on_torch else None
 
-    def compute(self, job: TensorJob) -> Any:
+    def compute(self, job: TensorJob, writer: ShardedWriter) -> None:
         engine = self.torch if self.torch is not None and job.name in self.on_torch else self.main
-        return engine.compute(job)
+        engine.compute(job, writer)
 
     def working_set(self, job: TensorJob) -> int:
         return MethodEngine.working_set(job)
@@ -155,7 +154,7 @@ def execute_plan(
     in_flight = 0
 
     def compute_and_write(job: TensorJob) -> None:
-        writer.write(job.name, runner.compute(job))  # in the worker: writes overlap other jobs' compute
+        runner.compute(job, writer)  # in the worker: writes overlap other jobs' compute
 
     def finish(job: TensorJob, future: Future[None]) -> None:
         nonlocal done, in_flight

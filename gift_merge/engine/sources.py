@@ -21,7 +21,7 @@ from gift_merge.io.reader import CheckpointReader
 from gift_merge.lazy import torch
 from gift_merge.operators import adapters, get_operator
 from gift_merge.operators.adapters import Factor
-from gift_merge.operators.base import Operands, Output, generator_for
+from gift_merge.operators.base import Operands, Output, Sink, generator_for
 from gift_merge.plan import ModelInfo, TensorJob, TensorSource
 
 from .backend import NUMPY, Backend, TorchBackend
@@ -163,7 +163,8 @@ class JobInputs:
         stored = model.tensors[src.name][1]
         return StoredSource(self.backend, bits, stored, job.math_dtype, job.load_dtype, delta, delta_only=src.delta)
 
-    def operands(self, job: TensorJob) -> Operands[Any]:
+    def operands(self, job: TensorJob, sink: Sink | None = None) -> Operands[Any]:
+        """The method's view of ``job``; with a ``sink`` its output goes there slice by slice."""
         op = get_operator(job.operator)
         by_rows = op.elementwise
         return Operands(
@@ -171,7 +172,7 @@ class JobInputs:
             base=self.source(job.base, job, by_rows=by_rows) if job.base is not None else None,
             shape=job.shape,
             backend=self.backend,
-            out=Output(self.backend, job.numel, job.out_dtype),
+            out=Output(self.backend, job.numel, job.out_dtype, sink),
             model_params=job.model_params,
             params=job.params,
             generator=generator_for(self.seed, job.name) if op.random else None,

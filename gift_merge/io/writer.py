@@ -2,8 +2,8 @@
 
 Every output tensor's name, shape and dtype are known from the plan before any tensor is computed, so
 each shard's header can be written up front and each tensor's bytes go straight to their final offset
-(``os.pwrite``) as soon as they exist. Nothing is buffered: peak memory is the tensors in flight, in any
-completion order, and a shard is never held in RAM.
+(``os.pwrite``) as soon as they exist, block by block as the engine computes them (:class:`TensorSink`).
+Nothing is buffered: no output tensor, let alone a shard, is ever whole in memory.
 """
 
 from __future__ import annotations
@@ -81,6 +81,46 @@ def _header_bytes(group: Sequence[OutputTensor]) -> tuple[bytes, list[int]]:
     return len(raw).to_bytes(8, "little") + raw, starts
 
 
+class TensorSink:
+    """One output tensor's bytes arriving in blocks of entries, in any order, each written at its final
+    offset and counted for NaN/±inf; :meth:`close` checks that every byte arrived."""
+
+    def __init__(self, writer: ShardedWriter, name: str) -> None:
+        self.writer = writer
+        self.name = name
+        self.tensor = writer._slots[name].tensor
+        self.received = 0
+        self.nan = self.inf = 0
+
+    def write(self, start: int, values: torch.Tensor | np.ndarray) -> None:
+        """Entries ``start …`` of the flat tensor, as stored bits (numpy: bf16 as uint16) or a tensor of the
+        planned dtype."""
+        expected = self.tensor.dtype
+        if isinstance(values, np.ndarray):
+            dtype_ok = values.dtype == expected.storage
+            data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+        else:
+            dtype_ok = of(values.dtype) == expected
+            data = values.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if not dtype_ok:
+            raise GiftMergeError(f"tensor {self.name}: computed {values.dtype}, planned {expected}")
+        if start * expected.itemsize + data.size > self.tensor.nbytes:
+            raise GiftMergeError(f"tensor {self.name}: entries past its planned shape {self.tensor.shape}")
+        counts = count_nonfinite(data, expected)
+        if counts is not None:
+            self.nan += counts.nan
+            self.inf += counts.inf
+        self.writer._put(self.name, data, start * expected.itemsize)
+        self.received += data.size
+
+    def close(self) -> None:
+        if self.received != self.tensor.nbytes:
+            raise GiftMergeError(
+                f"tensor {self.name}: {self.received} of its {self.tensor.nbytes} bytes were computed"
+            )
+        self.writer._done(self.name, NonFinite(self.nan, self.inf) if self.nan or self.inf else None)
+
+
 class ShardedWriter:
     """Writes a planned set of tensors into ``folder`` as sharded safetensors plus an index."""
 
@@ -118,27 +158,30 @@ class ShardedWriter:
 
         A numpy array holds the planned dtype's bits (see :attr:`DType.storage`): bf16 as uint16.
         """
+        expected = self._slots[name].tensor
+        if tuple(tensor.shape) != expected.shape:
+            raise GiftMergeError(f"tensor {name}: computed {tuple(tensor.shape)}, planned {expected.shape}")
+        sink = self.sink(name)
+        sink.write(0, tensor)
+        sink.close()
+
+    def sink(self, name: str) -> TensorSink:
+        """Where one tensor's bytes go block by block, each at its final offset: the engine writes an output
+        tensor as its method computes it, so no output tensor is ever whole in memory."""
+        return TensorSink(self, name)
+
+    def _put(self, name: str, data: np.ndarray, start: int) -> None:
+        """Write ``data`` (bytes) at byte ``start`` of tensor ``name``'s place."""
         slot = self._slots[name]
-        expected = slot.tensor
-        if isinstance(tensor, np.ndarray):
-            dtype_ok = tensor.dtype == expected.dtype.storage
-            data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
-        else:
-            dtype_ok = of(tensor.dtype) == expected.dtype
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        if tuple(tensor.shape) != expected.shape or not dtype_ok:
-            raise GiftMergeError(
-                f"tensor {name}: computed {tuple(tensor.shape)} {tensor.dtype}, "
-                f"planned {expected.shape} {expected.dtype}"
-            )
-        counts = count_nonfinite(data, expected.dtype)
         written = 0
         view = memoryview(data)  # type: ignore[arg-type]  # numpy arrays are buffers
         try:
             while written < len(view):
-                written += os.pwrite(self._fds[slot.file], view[written:], slot.offset + written)
+                written += os.pwrite(self._fds[slot.file], view[written:], slot.offset + start + written)
         except OSError as exc:  # disk full, quota, I/O error: name the file and the tensor
             raise GiftMergeError(f"{self.folder / slot.file}: cannot write tensor {name} ({exc.strerror})") from exc
+
+    def _done(self, name: str, counts: NonFinite | None) -> None:
         with self._lock:
             self._pending.discard(name)
             if counts is not None:

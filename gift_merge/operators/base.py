@@ -93,16 +93,35 @@ class Source(Protocol[Read]):
     def read(self, part: slice) -> Read: ...
 
 
-class Output(Generic[Array]):
-    """The output tensor's flat buffer, in its stored dtype; ``write`` rounds math values into a slice."""
+class Sink(Protocol):
+    """Where finished output entries go: one tensor's place in the writer (`io.writer.TensorSink`)."""
 
-    def __init__(self, backend: Backend, count: int, dtype: DType) -> None:
+    def write(self, start: int, values: Any) -> None: ...
+
+
+class Output(Generic[Array]):
+    """The output tensor, filled a slice at a time in its stored dtype; ``write`` rounds math values.
+
+    With a ``sink`` (a merge's), each slice goes to disk as soon as it is rounded, through one reused block
+    buffer, so no output tensor is ever whole in memory; without one the slices fill ``values`` (tests)."""
+
+    def __init__(self, backend: Backend, count: int, dtype: DType, sink: Sink | None = None) -> None:
         self.backend = backend
         self.dtype = dtype
-        self.values = backend.output(count, dtype)
+        self.sink = sink
+        self.values: Any = backend.output(count, dtype) if sink is None else None
+        self._block: Any = None
 
     def write(self, part: slice, values: Array) -> None:
-        self.backend.store(values, self.dtype, self.values[part])
+        if self.sink is None:
+            self.backend.store(values, self.dtype, self.values[part])
+            return
+        count = part.stop - part.start
+        if self._block is None or len(self._block) < count:
+            self._block = self.backend.output(count, self.dtype)
+        block = self._block[:count]
+        self.backend.store(values, self.dtype, block)
+        self.sink.write(part.start, self.backend.to_writer(block))
 
 
 @dataclass(frozen=True)
