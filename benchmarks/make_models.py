@@ -67,6 +67,10 @@ SIZES: dict[str, Shape] = {
     # The 7B shape cut to 8 layers (1.9B, 3.8 GB per model): every tensor a 7B merge meets, at a quarter of
     # the build time and disk, for a GPU check that must fit a short lease (benchmarks/gpu_check.sh).
     "7b-8l": Shape(hidden=4096, layers=8, intermediate=11008, heads=32, kv_heads=32),
+    # Llama-3-70B's vocabulary tensors (embedding and untied LM head of 128256 × 8192, 2.1 GB each in bf16)
+    # plus one thin layer (2.3B params, 4.5 GB per model): what a 70B merge's largest tensors cost in memory
+    # (issue #17), on a 2-core box. Build with --variants base,ft1,ft2.
+    "70b-vocab": Shape(hidden=8192, layers=1, intermediate=512, heads=64, kv_heads=8, vocab=128256),
 }
 
 

@@ -186,6 +186,7 @@ def estimate_stage(
     scratch: Path | None = None,
     substitutes: Mapping[str, ModelInfo] | None = None,
     hash_inputs: bool = False,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> StageEstimate | str:
     """Measure and estimate; a string says why a stage cannot be estimated (an input not built yet).
     ``hash_inputs``: the run will hash every local input file (``run --hash-inputs``), one more read."""
@@ -202,7 +203,7 @@ def estimate_stage(
         probes[key] = probe
     if not probes:
         return "no tensor can be read before the stages before it run"
-    costs = working_sets(plan, device, engine)
+    costs = working_sets(plan, device, engine, workers, memory_budget)
     files = _input_files(models)
     cold, disk_rate, hash_rate = _storage(files, hash_inputs)  # first: the probe's own reads cache what they touch
     traced = _engine(plan, device, engine) == "numpy" and not tracemalloc.is_tracing()
@@ -242,7 +243,7 @@ def estimate_stage(
         sizes = costs
     local = sum(f.stat().st_size for f in files if hub_origin(f.parent) is None)
     return StageEstimate(
-        merge_s=replay(durations, costs, workers, together, alone=alone),
+        merge_s=replay(durations, costs, workers, together, alone=alone, budget=memory_budget),
         read_s=cold / disk_rate,
         fingerprint_s=local / hash_rate if hash_inputs else 0.0,
         setup_s=setup,
@@ -251,7 +252,7 @@ def estimate_stage(
         cores_together=together,
         workers=workers,
         cold_bytes=cold,
-        working_sets=peak_held(sizes, costs, workers),
+        working_sets=peak_held(sizes, costs, workers, memory_budget),
         working_sets_measured=bool(memory),
         imported_bytes=imported,
         probe_s=time.perf_counter() - started,

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from gift_merge.architecture import detect_layout
-from gift_merge.engine.executor import choose_engine, default_workers, estimated_peak, execute_plan
+from gift_merge.engine.executor import (
+    choose_engine,
+    default_memory_budget,
+    default_workers,
+    estimated_peak,
+    execute_plan,
+)
 from gift_merge.errors import GiftMergeError
 from gift_merge.estimate import RunJobs, StageEstimate, describe_memory, estimate_stage, format_seconds, private_bytes
 from gift_merge.inputs import ModelInfo, ModelResolver
@@ -47,6 +53,11 @@ class MergeOptions:
     engine: str = "auto"
     strict: bool = False  # non-finite input or output values are an error, not a warning
     hash_inputs: bool = False  # record the sha256 of every local input weight file (one more read of each)
+    max_memory: int | None = None  # bytes of private memory the engine may hold (default_memory_budget())
+
+    @property
+    def memory_budget(self) -> int:
+        return self.max_memory or default_memory_budget()
 
 
 def resolve_output(recipe: Recipe, out: str | Path | None) -> Path:
@@ -234,6 +245,7 @@ def _write_merge(
             label=label,
             engine=options.engine,
             watch=watch,
+            memory_budget=options.memory_budget,
         )
         _report_nonfinite_inputs(watch.found)
         _report_nonfinite(writer.nonfinite, plan, strict=options.strict)
@@ -283,6 +295,7 @@ def stage_runner(options: MergeOptions) -> RunJobs:
             workers=workers,
             engine=options.engine,  # each job on the backend the merge gives it
             watch=InputWatch(strict=False),
+            memory_budget=options.memory_budget,
         )
 
     return run_jobs
@@ -302,6 +315,7 @@ def estimate(
         scratch=destination.parent,
         substitutes=substitutes,
         hash_inputs=options.hash_inputs,
+        memory_budget=options.memory_budget,
     )
 
 
@@ -309,7 +323,7 @@ def log_estimate(plan: MergePlan, destination: Path, options: MergeOptions, labe
     """Say at a stage's start what it will cost on this machine: time and peak private memory, from a probe."""
     held = private_bytes()  # before the probe's own buffers
     found = estimate(plan, destination, options)
-    modelled = estimated_peak(plan, options.device, options.engine, options.workers)
+    modelled = estimated_peak(plan, options.device, options.engine, options.workers, options.memory_budget)
     memory = describe_memory(held, found, modelled)
     if isinstance(found, str):
         log.info("stage %s: %s; time not estimated: %s", label, memory, found)

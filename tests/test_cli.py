@@ -113,10 +113,10 @@ def test_existing_output_is_refused_then_replaced(tmp_path: Path, llama: dict[st
 def test_interrupted_merge_leaves_no_output(
     tmp_path: Path, llama: dict[str, Path], monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
-    from gift_merge.io.writer import ShardedWriter
+    from gift_merge.io.writer import TensorSink
 
     calls = {"n": 0}
-    real = ShardedWriter.write
+    real = TensorSink.write  # every slice of every output tensor goes through it
 
     def interrupt_later(*args, **kwargs):
         calls["n"] += 1
@@ -124,7 +124,7 @@ def test_interrupted_merge_leaves_no_output(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ShardedWriter, "write", interrupt_later)
+    monkeypatch.setattr(TensorSink, "write", interrupt_later)
     recipe = write(tmp_path, TIES, llama)
     result = invoke("run", str(recipe), str(tmp_path / "out"), "-q", "--workers", "1", "--engine", engine)
     assert result.exit_code == 130

@@ -58,6 +58,9 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random methods (DARE, DELLA).")
 @click.option("--workers", type=int, default=None, help="Tensors processed concurrently [default: cores, 2..8].")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Private memory the merge engine may hold (1GiB, 500MB) [default: 1GiB, or half the available "
+                   "memory if less]; larger magnitude cuts then stream instead of buffering.")  # fmt: skip
 @click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where earlier stages of a multi-document recipe go [default: OUT-stages].")  # fmt: skip
 @click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
@@ -70,8 +73,8 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_shard_size: str, overwrite: bool,
-        seed: int, workers: int | None, intermediate_dir: Path | None, engine: str, strict: bool,
-        hash_inputs: bool, quiet_here: bool) -> None:  # fmt: skip
+        seed: int, workers: int | None, max_memory: str | None, intermediate_dir: Path | None, engine: str,
+        strict: bool, hash_inputs: bool, quiet_here: bool) -> None:  # fmt: skip
     """Merge the models in RECIPE into OUT (or the recipe's `output:`)."""
     from gift_merge.engine.allocator import reuse_large_buffers
     from gift_merge.io.sizes import parse_size
@@ -90,6 +93,7 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
         overwrite=overwrite,
         quiet=quiet,
         workers=workers,
+        max_memory=parse_size(max_memory, "--max-memory") if max_memory is not None else None,
         intermediate_dir=intermediate_dir,
         engine=engine,
         strict=strict,

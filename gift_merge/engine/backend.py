@@ -24,7 +24,7 @@ from gift_merge.dtypes import DType
 from gift_merge.engine.floatbits import narrow, to_math
 from gift_merge.lazy import torch
 
-from .selection import kth_largest_and_count
+from .selection import HISTOGRAM_BINS, kth_largest_and_count
 
 
 @functools.lru_cache(maxsize=4)
@@ -124,6 +124,16 @@ class Backend:
         """The k-th largest entry of a flat array and how many entries exceed it: a guess from a sample,
         proved by counting, else introselect (never a sort)."""
         return kth_largest_and_count(values, k, in_place=in_place)
+
+    def bit_histogram(self, values: Any, high: int | None) -> np.ndarray:
+        """Counts (host int64, 2¹⁶ bins) of the high 16 bits of non-negative float32 values' bit patterns, or
+        with ``high`` given, of the low 16 bits of the values whose high 16 bits are ``high``: one pass of
+        :func:`~gift_merge.engine.selection.streamed_kth_largest`."""
+        bits = values.view(np.uint32)
+        top = bits >> np.uint32(16)
+        if high is None:
+            return np.bincount(top, minlength=HISTOGRAM_BINS)
+        return np.bincount(bits[top == high] & np.uint32(0xFFFF), minlength=HISTOGRAM_BINS)
 
     def flatnonzero(self, mask: Any) -> Any:
         """Indices of the true entries of a flat mask, ascending."""
@@ -258,6 +268,14 @@ class TorchBackend(Backend):
             return torch.tensor(value, dtype=values.dtype), above
         value = torch.kthvalue(values, values.numel() - k + 1).values
         return value, int(torch.count_nonzero(values > value))
+
+    def bit_histogram(self, values: Any, high: int | None) -> np.ndarray:
+        if self.on_cpu:
+            return super().bit_histogram(values.numpy(), high)
+        bits = values.view(torch.int32)  # non-negative values: the sign bit is clear
+        top = bits >> 16
+        picked = top if high is None else bits[top == high] & 0xFFFF
+        return torch.bincount(picked, minlength=HISTOGRAM_BINS).cpu().numpy()
 
     def row_order(self, rows: Any) -> Any:
         if self.on_cpu:

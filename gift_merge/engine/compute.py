@@ -11,7 +11,7 @@ from __future__ import annotations
 from gift_merge.io.finite import InputWatch
 from gift_merge.io.writer import ShardedWriter
 from gift_merge.operators import get_operator
-from gift_merge.operators.base import CHUNK
+from gift_merge.operators.base import CHUNK, NO_LIMIT
 from gift_merge.plan import MergePlan, TensorJob
 
 from .backend import NUMPY, Backend
@@ -49,9 +49,17 @@ def numpy_unsupported(plan: MergePlan, device: str) -> str | None:
 class MethodEngine:
     """Computes jobs with their methods on one backend; thread-safe (one job per thread)."""
 
-    def __init__(self, plan: MergePlan, seed: int, backend: Backend = NUMPY, watch: InputWatch | None = None) -> None:
+    def __init__(
+        self,
+        plan: MergePlan,
+        seed: int,
+        backend: Backend = NUMPY,
+        watch: InputWatch | None = None,
+        buffer_limit: int = NO_LIMIT,
+    ) -> None:
         self.backend = backend
         self.inputs = JobInputs(plan.models, plan.jobs, backend, seed, watch=watch)
+        self.buffer_limit = buffer_limit
 
     def compute(self, job: TensorJob, writer: ShardedWriter) -> None:
         """Compute one output tensor into ``writer``: a copy whole (a view of its input file), a method's
@@ -60,17 +68,21 @@ class MethodEngine:
             writer.write(job.name, self.inputs.bits(job.inputs[0], job))
             return
         sink = writer.sink(job.name)
-        get_operator(job.operator).merge(self.inputs.operands(job, sink))
+        get_operator(job.operator).merge(self.inputs.operands(job, sink, self.buffer_limit))
         sink.close()
 
     @staticmethod
-    def working_set(job: TensorJob) -> int:
+    def working_set(job: TensorJob, buffer_limit: int = NO_LIMIT) -> int:
         """Inputs are views of the page cache, the output goes to disk a slice at a time, and slices are a
         few MB, so: a few float32 slices per input, plus for a method with whole-tensor cuts a float32 |δ|
-        buffer and a bool mask per model."""
+        buffer where it fits ``buffer_limit`` (else the cut streams) and a bool mask per model where the
+        cut keeps one (random cuts, and selections decided on a buffer)."""
         if job.copy:
             return 0
         slices = CHUNK * 4 * (len(job.sources) + 3)
-        if get_operator(job.operator).elementwise:
+        op = get_operator(job.operator)
+        if op.elementwise:
             return slices
-        return slices + job.numel * (4 + len(job.inputs))
+        magnitudes = job.numel * 4 if job.numel * 4 <= buffer_limit else 0
+        masks = job.numel * len(job.inputs) if op.random or magnitudes else 0
+        return slices + magnitudes + masks

@@ -52,15 +52,47 @@ def peak_in_flight(costs: list[int], workers: int, budget: int = DEFAULT_MEMORY_
     return peak
 
 
-def working_sets(plan: MergePlan, device: str = "cpu", engine: str = "auto") -> list[int]:
+def buffer_limit(memory_budget: int, workers: int) -> int:
+    """Each job's share of the budget for tensor-sized buffers (a cut's |δ|, masks): the budget split
+    between the ``workers + 1`` jobs that may be in flight. A cut too large for its share streams."""
+    return memory_budget // (workers + 1)
+
+
+def working_sets(
+    plan: MergePlan,
+    device: str = "cpu",
+    engine: str = "auto",
+    workers: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> list[int]:
     """Each job's working set as the executor admits it, in plan order."""
     choose_engine(plan, device, engine)
-    return [MethodEngine.working_set(job) for job in plan.jobs]
+    limit = buffer_limit(memory_budget, workers or default_workers())
+    return [MethodEngine.working_set(job, limit) for job in plan.jobs]
 
 
-def estimated_peak(plan: MergePlan, device: str = "cpu", engine: str = "auto", workers: int | None = None) -> int:
+def estimated_peak(
+    plan: MergePlan,
+    device: str = "cpu",
+    engine: str = "auto",
+    workers: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> int:
     """Bytes of working sets a merge of ``plan`` holds at its peak (inputs are page cache, not counted)."""
-    return peak_in_flight(working_sets(plan, device, engine), workers or default_workers())
+    workers = workers or default_workers()
+    return peak_in_flight(working_sets(plan, device, engine, workers, memory_budget), workers, memory_budget)
+
+
+def default_memory_budget() -> int:
+    """:data:`DEFAULT_MEMORY_BUDGET`, or half the memory the machine has available if that is less."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return min(DEFAULT_MEMORY_BUDGET, int(line.split()[1]) * 1024 // 2)
+    except (OSError, ValueError, IndexError):
+        pass
+    return DEFAULT_MEMORY_BUDGET
 
 
 def default_workers() -> int:
@@ -83,18 +115,21 @@ class _Engines:
     """The method engine on numpy for every job it can read on the CPU, on torch for the rest (a GPU,
     ``--engine torch``, or stored dtypes numpy cannot read)."""
 
-    def __init__(self, plan: MergePlan, device: str, seed: int, engine: str, watch: InputWatch | None) -> None:
+    def __init__(
+        self, plan: MergePlan, device: str, seed: int, engine: str, watch: InputWatch | None, limit: int
+    ) -> None:
         forced = device != "cpu" or engine == "torch"
-        self.main = MethodEngine(plan, seed, TorchBackend(device) if forced else NUMPY, watch)
+        self.main = MethodEngine(plan, seed, TorchBackend(device) if forced else NUMPY, watch, limit)
         self.on_torch = set() if forced else {job.name for job in plan.jobs if unsupported(plan, job) is not None}
-        self.torch = MethodEngine(plan, seed, TorchBackend("cpu"), watch) if self.on_torch else None
+        self.torch = MethodEngine(plan, seed, TorchBackend("cpu"), watch, limit) if self.on_torch else None
+        self.limit = limit
 
     def compute(self, job: TensorJob, writer: ShardedWriter) -> None:
         engine = self.torch if self.torch is not None and job.name in self.on_torch else self.main
         engine.compute(job, writer)
 
     def working_set(self, job: TensorJob) -> int:
-        return MethodEngine.working_set(job)
+        return MethodEngine.working_set(job, self.limit)
 
     def threads(self, workers: int) -> AbstractContextManager[object]:
         """On the CPU, torch's operations split the cores between the concurrent jobs instead of each
@@ -145,9 +180,9 @@ def execute_plan(
     NaN and ±inf; the writer counts the outputs.
     """
     choose_engine(plan, device, engine)
-    runner = _Engines(plan, device, seed, engine, watch)
-    writer = ShardedWriter(folder, [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs], max_shard_bytes)
     workers = workers or default_workers()
+    runner = _Engines(plan, device, seed, engine, watch, buffer_limit(memory_budget, workers))
+    writer = ShardedWriter(folder, [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs], max_shard_bytes)
     bar = progress(total=plan.output_bytes, unit="B", unit_scale=True, desc=label, quiet=quiet)
     pending: deque[tuple[TensorJob, Future[None]]] = deque()
     done = 0

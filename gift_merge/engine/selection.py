@@ -8,6 +8,7 @@ the value and how many entries exceed it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,3 +79,43 @@ def _sampled_kth_largest(values: np.ndarray, k: int) -> tuple[Any, int] | None:
     candidates.partition(candidates.size - need)
     value = candidates[candidates.size - need]
     return value, above_candidates + int(np.count_nonzero(candidates > value))
+
+
+HISTOGRAM_BINS = 1 << 16
+"""Bins of one radix pass: 16 of a float32's 32 bits."""
+_INF_BITS = 0x7F800000
+
+
+def streamed_kth_largest(histogram: Callable[[int | None], np.ndarray], k: int) -> tuple[float, int]:
+    """What :func:`kth_largest_and_count` answers for non-negative float32 values that exist only a block at
+    a time (no tensor-sized buffer): the k-th largest value and how many values exceed it.
+
+    Non-negative float32 values order like their bit patterns, so two radix passes find the k-th largest
+    exactly: ``histogram(None)`` counts the values' high 16 bits, which fixes the high half of the answer,
+    and ``histogram(high)`` counts the low 16 bits of the values in that bin. NaN bit patterns lie above
+    +inf's, as NaN ranks above everything in a partition; as there, a NaN answer counts 0 above it, and
+    NaNs are never counted above a number (every comparison with NaN is false). A third pass runs only when
+    the values hold inf or NaN outside the answer's bin (the NaNs in +inf's bin must be counted).
+    """
+    high = histogram(None)
+    top, above_top = _bin_of_kth(high, k)
+    low = histogram(top)
+    bottom, above_bottom = _bin_of_kth(low, k - above_top)
+    bits = top << 16 | bottom
+    if bits > _INF_BITS:
+        return math.nan, 0
+    inf_bin = _INF_BITS >> 16
+    nans = int(high[inf_bin + 1 :].sum())
+    if top == inf_bin:
+        nans += int(low[1:].sum())
+    elif high[inf_bin]:
+        nans += int(histogram(inf_bin)[1:].sum())
+    value = float(np.array(bits, dtype=np.uint32).view(np.float32))
+    return value, above_top + above_bottom - nans
+
+
+def _bin_of_kth(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest of the counted values, and how many values lie in higher bins."""
+    from_top = np.cumsum(counts[::-1])
+    index = int(np.searchsorted(from_top, k))  # the first index whose running count reaches k
+    return len(counts) - 1 - index, int(from_top[index - 1]) if index else 0

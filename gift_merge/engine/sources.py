@@ -21,7 +21,7 @@ from gift_merge.io.reader import CheckpointReader
 from gift_merge.lazy import torch
 from gift_merge.operators import adapters, get_operator
 from gift_merge.operators.adapters import Factor
-from gift_merge.operators.base import Operands, Output, Sink, generator_for
+from gift_merge.operators.base import NO_LIMIT, Operands, Output, Sink, generator_for
 from gift_merge.plan import ModelInfo, TensorJob, TensorSource
 
 from .backend import NUMPY, Backend, TorchBackend
@@ -163,8 +163,9 @@ class JobInputs:
         stored = model.tensors[src.name][1]
         return StoredSource(self.backend, bits, stored, job.math_dtype, job.load_dtype, delta, delta_only=src.delta)
 
-    def operands(self, job: TensorJob, sink: Sink | None = None) -> Operands[Any]:
-        """The method's view of ``job``; with a ``sink`` its output goes there slice by slice."""
+    def operands(self, job: TensorJob, sink: Sink | None = None, buffer_limit: int = NO_LIMIT) -> Operands[Any]:
+        """The method's view of ``job``; with a ``sink`` its output goes there slice by slice; cuts hold
+        tensor-sized buffers up to ``buffer_limit`` bytes."""
         op = get_operator(job.operator)
         by_rows = op.elementwise
         return Operands(
@@ -177,4 +178,5 @@ class JobInputs:
             params=job.params,
             generator=generator_for(self.seed, job.name) if op.random else None,
             tensor_name=job.name,
+            buffer_limit=buffer_limit,
         )

@@ -115,9 +115,7 @@ class TensorSink:
 
     def close(self) -> None:
         if self.received != self.tensor.nbytes:
-            raise GiftMergeError(
-                f"tensor {self.name}: {self.received} of its {self.tensor.nbytes} bytes were computed"
-            )
+            raise GiftMergeError(f"tensor {self.name}: {self.received} of its {self.tensor.nbytes} bytes were computed")
         self.writer._done(self.name, NonFinite(self.nan, self.inf) if self.nan or self.inf else None)
 
 

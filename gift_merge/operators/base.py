@@ -82,6 +82,9 @@ CHUNK = 1 << 18
 draws taken slice by slice consume the generator exactly as one whole draw)."""
 
 
+NO_LIMIT = 1 << 62
+"""A buffer limit no tensor reaches."""
+
 Read = TypeVar("Read", covariant=True)
 
 
@@ -144,6 +147,13 @@ class Operands(Generic[Array]):
     params: Mapping[str, Any] = field(default_factory=dict)
     generator: np.random.Generator | None = None
     tensor_name: str = ""
+    buffer_limit: int = NO_LIMIT
+    """Bytes this tensor's method may hold in tensor-sized buffers (a |δ| buffer, masks): the engine's share
+    of the memory budget. A cut that does not fit streams its inputs again instead (:func:`gta.threshold`)."""
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a buffer of ``nbytes`` stays within :attr:`buffer_limit`."""
+        return nbytes <= self.buffer_limit
 
     @property
     def numel(self) -> int:

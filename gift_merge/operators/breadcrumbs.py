@@ -18,14 +18,30 @@ set. ρ ≥ 1 returns δ unchanged (no outlier removal), as in mergekit.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .base import Operands, Operator, Param, Source
 from .checks import interval
-from .gta import Cut, MaskCut, gta_merge, gta_params, magnitudes
-from .rescale import masked_l1_factor
-from .selection import top_k
+from .gta import (
+    Cut,
+    MaskCut,
+    ThresholdCut,
+    buffered,
+    empty_cut,
+    gta_merge,
+    gta_params,
+    magnitude_slices,
+    magnitudes,
+    streamed_threshold,
+)
+from .rescale import l1_factor, masked_l1_factor
+
+if TYPE_CHECKING:
+    from gift_merge.engine.backend import Backend
+from .selection import full, top_k
 
 PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -41,18 +57,67 @@ GAMMA = Param(
 def outlier_cut(
     operands: Operands[Any], source: Source[Any], model_params: Mapping[str, Any], rescale: bool
 ) -> Cut | None:
-    """Keep the |δ| ranks [n_top, n_top + target) of the module docstring, decided on a |δ| buffer."""
+    """Keep the |δ| ranks [n_top, n_top + target) of the module docstring: decided on a |δ| buffer, or for a
+    tensor too large for one, by two streamed thresholds (:class:`BandCut`), the same entries either way."""
     density = float(model_params["density"])
     if density >= 1:
         return None
     backend = operands.backend
-    magnitude = magnitudes(operands, source)
     n = operands.numel
     target = int(density * n)
     n_top = min(int(float(model_params["gamma"]) * n), n - target)
+    if not buffered(operands, source):
+        band = BandCut(_top(operands, source, n_top + target), _top(operands, source, n_top), None)
+        band.factor = _band_l1_factor(operands, source, band) if rescale else None
+        return band
+    magnitude = magnitudes(operands, source)
     keep = top_k(backend, magnitude, n_top + target)
     keep &= ~top_k(backend, magnitude, n_top)
     return MaskCut(keep, masked_l1_factor(backend, magnitude, keep) if rescale else None)
+
+
+def _top(operands: Operands[Any], source: Source[Any], k: int) -> ThresholdCut | None:
+    """The cut keeping the k largest |δ| (as :func:`~.selection.top_k`), or None for all of them."""
+    if k >= operands.numel:
+        return None
+    if k <= 0:
+        return empty_cut()
+    value, above = streamed_threshold(operands, source, k)
+    return ThresholdCut(value, k - above, None)
+
+
+@dataclass
+class BandCut:
+    """The |δ| ranks between two streamed cuts: kept by ``lower`` and not by ``upper`` (None: every entry)."""
+
+    lower: ThresholdCut | None
+    upper: ThresholdCut | None
+    factor: float | None
+
+    def keep(self, backend: Backend, magnitude: Any) -> Any:
+        """The next slice's mask, in index order (each bound takes its ties in order)."""
+        keep = self.lower.keep(backend, magnitude) if self.lower is not None else full(backend, len(magnitude), True)
+        if self.upper is not None:
+            keep &= ~self.upper.keep(backend, magnitude)
+        return keep
+
+    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
+        delta *= self.keep(operands.backend, operands.backend.abs(delta))
+        if self.factor is not None:
+            delta *= self.factor
+        return delta
+
+
+def _band_l1_factor(operands: Operands[Any], source: Source[Any], band: BandCut) -> float | None:
+    """The band's L1 rescale factor over the summation blocks, as :func:`~.rescale.masked_l1_factor` sums."""
+    backend = operands.backend
+    counter = BandCut(copy.copy(band.lower), copy.copy(band.upper), None)
+    before = after = 0.0
+    for magnitude in magnitude_slices(operands, source):
+        before += backend.total(magnitude)
+        magnitude *= counter.keep(backend, magnitude)
+        after += backend.total(magnitude)
+    return l1_factor(before, after)
 
 
 def breadcrumbs_merge(operands: Operands[Any]) -> None:

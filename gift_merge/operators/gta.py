@@ -15,19 +15,33 @@ where the sum is ≥ 0). Task arithmetic: https://arxiv.org/abs/2212.04089
 Two passes over slices of the inputs: first each model's cut is decided (a threshold from a |δ| buffer,
 or a mask), then the task vectors are formed, cut, weighted and mixed slice by slice and rounded into the
 output. No input is ever widened whole; the one tensor-sized buffer is one model's |δ| at a time (for
-the selections) or a bool mask per model.
+the selections) or a bool mask per model. A magnitude threshold that would not fit the job's share of the
+memory budget is found by radix passes over |δ| formed again slice by slice (:func:`streamed_threshold`), with the
+same result.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gift_merge.engine.selection import HISTOGRAM_BINS, streamed_kth_largest
 
 from .base import Operands, Param, Source
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
 from .consensus import consensus_sum
+from .reductions import REDUCE_BLOCK
+from .rescale import l1_factor
+
+if TYPE_CHECKING:
+    from gift_merge.engine.backend import Backend
+
+HISTOGRAM_SLICE = 1 << 20
+"""Entries per slice of a radix pass: large enough that the 2¹⁶-bin counts cost little per entry."""
 
 LAMBDA = Param("lambda", 1.0, doc="Scale of the merged delta.", check=finite("lambda"))
 
@@ -54,14 +68,17 @@ class ThresholdCut:
     ties_left: int
     factor: float | None
 
-    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
-        magnitude = operands.backend.abs(delta)
+    def keep(self, backend: Backend, magnitude: Any) -> Any:
+        """The mask of the next slice's |δ|, taking ties in index order."""
         keep = magnitude > self.threshold
         if self.ties_left > 0:
-            tied = operands.backend.flatnonzero(magnitude == self.threshold)[: self.ties_left]
+            tied = backend.flatnonzero(magnitude == self.threshold)[: self.ties_left]
             keep[tied] = True
             self.ties_left -= len(tied)
-        delta *= keep
+        return keep
+
+    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
+        delta *= self.keep(operands.backend, operands.backend.abs(delta))
         if self.factor is not None:
             delta *= self.factor
         return delta
@@ -81,7 +98,9 @@ class MaskCut:
         return delta
 
 
-Cut = ThresholdCut | MaskCut
+Cut = Any
+"""A cut: anything with ``apply(operands, delta, part)`` that masks (and rescales) one slice of δ in index
+order: :class:`ThresholdCut`, :class:`MaskCut`, breadcrumbs' band."""
 CutRule = Callable[[Operands[Any], Source[Any], Mapping[str, Any], bool], "Cut | None"]
 """(operands, one model's source, its params, rescale) → its cut, or None to keep δ whole. Called once per
 model, in input order (random cuts consume the generator in that order)."""
@@ -98,6 +117,46 @@ def magnitudes(operands: Operands[Any], source: Source[Any]) -> Any:
     for part in operands.chunks():
         backend.abs(source.read(part) - operands.base.read(part), out=magnitude[part])
     return magnitude
+
+
+def magnitude_slices(operands: Operands[Any], source: Source[Any], size: int | None = None) -> Iterator[Any]:
+    """|δ| of one input a slice at a time, in index order (:data:`~.reductions.REDUCE_BLOCK` unless given)."""
+    assert operands.base is not None
+    for part in operands.chunks(size or REDUCE_BLOCK):
+        yield operands.backend.abs(source.read(part) - operands.base.read(part))
+
+
+def buffered(operands: Operands[Any], source: Source[Any]) -> bool:
+    """Whether a cut decides on a |δ| buffer (it fits :attr:`~.base.Operands.buffer_limit`, or the values are
+    float64, which the radix passes do not read) rather than by streaming (:func:`streamed_threshold`)."""
+    return operands.fits(operands.numel * 4) or source.read(slice(0, 1)).dtype.itemsize != 4
+
+
+def streamed_threshold(operands: Operands[Any], source: Source[Any], k: int) -> tuple[float, int]:
+    """The k-th largest float32 |δ| of one input and how many exceed it (1 ≤ k ≤ N), without a |δ| buffer:
+    radix passes over |δ| formed again slice by slice
+    (:func:`~gift_merge.engine.selection.streamed_kth_largest`); the same answer as on a buffer."""
+    backend = operands.backend
+
+    def histogram(high: int | None) -> np.ndarray:
+        counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+        for magnitude in magnitude_slices(operands, source, HISTOGRAM_SLICE):
+            counts += backend.bit_histogram(magnitude, high)
+        return counts
+
+    return streamed_kth_largest(histogram, k)
+
+
+def threshold_l1_factor(operands: Operands[Any], source: Source[Any], cut: ThresholdCut) -> float | None:
+    """The L1 rescale factor of a threshold cut, with |δ| formed slice by slice: the summation blocks of
+    :func:`~.rescale.masked_l1_factor`, so the same factor as on a buffer."""
+    backend, counter = operands.backend, ThresholdCut(cut.threshold, cut.ties_left, None)
+    before = after = 0.0
+    for magnitude in magnitude_slices(operands, source):
+        before += backend.total(magnitude)
+        magnitude *= counter.keep(backend, magnitude)
+        after += backend.total(magnitude)
+    return l1_factor(before, after)
 
 
 def empty_cut() -> ThresholdCut:

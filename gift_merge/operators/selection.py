@@ -25,14 +25,15 @@ def cut_mask(backend: Backend, flat: Any, threshold: Any, above: int, k: int) ->
 def top_k(backend: Backend, scores: Any, k: int) -> Any:
     """Mask of the ``k`` largest entries of a flat array (all false for k ≤ 0, all true for k ≥ n)."""
     if k <= 0:
-        return _full(backend, len(scores), False)
+        return full(backend, len(scores), False)
     if k >= len(scores):
-        return _full(backend, len(scores), True)
+        return full(backend, len(scores), True)
     threshold, above = backend.kth_largest_and_count(scores, k)
     return cut_mask(backend, scores, threshold, above, k)
 
 
-def _full(backend: Backend, count: int, value: bool) -> Any:
+def full(backend: Backend, count: int, value: bool) -> Any:
+    """A flat mask of ``count`` entries, all ``value``."""
     mask = backend.empty(count, "bool")
     mask[:] = value
     return mask

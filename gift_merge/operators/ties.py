@@ -20,7 +20,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import Operands, Operator, Source
-from .gta import Cut, ThresholdCut, empty_cut, gta_merge, gta_params, magnitudes
+from .gta import (
+    Cut,
+    ThresholdCut,
+    buffered,
+    empty_cut,
+    gta_merge,
+    gta_params,
+    magnitudes,
+    streamed_threshold,
+    threshold_l1_factor,
+)
 from .rescale import masked_l1_factor
 from .selection import cut_mask
 
@@ -36,6 +46,11 @@ def magnitude_cut(
     if k <= 0:
         return empty_cut()
     backend = operands.backend
+    if not buffered(operands, source):  # a tensor too large for a |δ| buffer: radix passes, the same cut
+        threshold, above = streamed_threshold(operands, source, k)
+        cut = ThresholdCut(threshold, k - above, None)
+        cut.factor = threshold_l1_factor(operands, source, cut) if rescale else None
+        return cut
     magnitude = magnitudes(operands, source)
     # Without a rescale nothing below needs |δ| in index order (the tie count is a count), so the selection
     # may reorder it in place and save the tensor-sized copy a partition would make.

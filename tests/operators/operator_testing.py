@@ -143,9 +143,10 @@ class ArraySource:
         return self.flat[part]
 
 
-def apply(op: Operator, inputs: MergeInputs, backend: Backend = NUMPY) -> torch.Tensor:
+def apply(op: Operator, inputs: MergeInputs, backend: Backend = NUMPY, buffer_limit: int = 1 << 62) -> torch.Tensor:
     """``op`` on whole float32 tensors: its implementation (:attr:`Operator.merge`) on ``backend`` (numpy
-    unless told), the inputs read slice by slice as the engine's sources are."""
+    unless told), the inputs read slice by slice as the engine's sources are; ``buffer_limit`` as the
+    engine's share of the memory budget (0: every cut streams)."""
     shape = tuple(inputs.tensors[0].shape)
 
     def source(tensor: torch.Tensor) -> ArraySource:
@@ -161,6 +162,7 @@ def apply(op: Operator, inputs: MergeInputs, backend: Backend = NUMPY) -> torch.
         params=inputs.params,
         generator=inputs.generator,
         tensor_name=inputs.tensor_name,
+        buffer_limit=buffer_limit,
     )
     op.merge(operands)
     values = operands.out.values.reshape(shape)
