@@ -74,15 +74,15 @@ class MethodEngine:
     @staticmethod
     def working_set(job: TensorJob, buffer_limit: int = NO_LIMIT) -> int:
         """Inputs are views of the page cache, the output goes to disk a slice at a time, and slices are a
-        few MB, so: a few float32 slices per input, plus for a method with whole-tensor cuts a float32 |δ|
-        buffer where it fits ``buffer_limit`` (else the cut streams) and a bool mask per model where the
-        cut keeps one (random cuts, and selections decided on a buffer)."""
+        few MB, so: a few float32 slices per input, plus what the method declares it holds
+        (:data:`~gift_merge.operators.base.Memory`)."""
         if job.copy:
             return 0
         slices = CHUNK * 4 * (len(job.sources) + 3)
-        op = get_operator(job.operator)
-        if op.elementwise:
-            return slices
-        magnitudes = job.numel * 4 if job.numel * 4 <= buffer_limit else 0
-        masks = job.numel * len(job.inputs) if op.random or magnitudes else 0
-        return slices + magnitudes + masks
+        memory = get_operator(job.operator).memory
+        cuts = job.numel * (4 + len(job.inputs))  # a float32 |δ| and a bool mask per model
+        if memory == "cuts" or (memory == "stream_cuts" and job.numel * 4 <= buffer_limit):
+            return slices + cuts
+        if memory == "whole":
+            return slices + job.numel * 4 * (len(job.sources) + 1)
+        return slices

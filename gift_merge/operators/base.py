@@ -31,6 +31,11 @@ REQUIRED: Any = _Required()
 
 BaseRole = Literal["required", "optional", "ignored"]
 
+Memory = Literal["slices", "stream_cuts", "cuts", "whole"]
+"""What a method holds besides a few slices (the engine's working-set model): ``slices`` nothing more;
+``stream_cuts`` a float32 |δ| buffer and a bool mask per model while they fit the job's buffer limit, else
+nothing more (the cut streams); ``cuts`` those buffers always; ``whole`` every input whole, in float32."""
+
 
 @dataclass(frozen=True)
 class Param:
@@ -226,6 +231,7 @@ class Operator:
     check: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], str | None] | None = None
     deltas: bool = False
     elementwise: bool = False
+    memory: Memory = "slices"
 
     @property
     def global_params(self) -> tuple[Param, ...]:

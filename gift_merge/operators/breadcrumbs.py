@@ -135,6 +135,7 @@ BREADCRUMBS = Operator(
     base="required",
     summary="Drop each task vector's outliers and small entries, then add the weighted task vectors.",
     paper=PAPER,
+    memory="stream_cuts",
 )
 
 BREADCRUMBS_TIES = Operator(
@@ -144,4 +145,5 @@ BREADCRUMBS_TIES = Operator(
     base="required",
     summary="Breadcrumbs pruning followed by TIES sign election and disjoint merge.",
     paper=PAPER,
+    memory="stream_cuts",
 )

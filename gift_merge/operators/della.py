@@ -117,6 +117,7 @@ DELLA = Operator(
     random=True,
     summary="Drop delta entries with magnitude-ranked probabilities, rescale, then TIES consensus.",
     paper=PAPER,
+    memory="cuts",
     check=check_della,
 )
 
@@ -128,5 +129,6 @@ DELLA_LINEAR = Operator(
     random=True,
     summary="Drop delta entries with magnitude-ranked probabilities, rescale, then add the weighted deltas.",
     paper=PAPER,
+    memory="cuts",
     check=check_della,
 )

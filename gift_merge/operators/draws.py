@@ -11,6 +11,7 @@ every slice but the last has an even length (:data:`base.CHUNK` is even).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -51,3 +52,50 @@ def bernoulli(generator: np.random.Generator | None, count: int, density: float)
     if limit >= 2**24:
         return np.ones(count, dtype=bool)
     return bits <= np.uint32(limit * 256 - 1)
+
+
+class BernoulliStream:
+    """The Bernoulli(ρ) mask of :func:`bernoulli` over ``count`` entries, served for slices in increasing
+    order without ever holding it whole: drawn again, in even-length blocks, from a copy of the generator's
+    state taken where this mask's draws begin. Each new stream over the same state serves the same mask, so
+    one pass can sum the kept norms and a later pass apply the mask."""
+
+    BLOCK = 1 << 18
+
+    def __init__(self, generator: np.random.Generator | None, count: int, density: float) -> None:
+        bit_generator = _bit_generator(generator)
+        self.kind, self.start_state = type(bit_generator), copy.deepcopy(bit_generator.state)
+        self.count, self.density = count, density
+
+    def slices(self) -> BernoulliSlices:
+        """A reader of the mask from its first entry."""
+        return BernoulliSlices(self)
+
+
+class BernoulliSlices:
+    """One pass over a :class:`BernoulliStream`'s mask: ``mask(part)`` for slices in increasing order."""
+
+    def __init__(self, stream: BernoulliStream) -> None:
+        self.stream = stream
+        bit_generator = stream.kind()
+        bit_generator.state = copy.deepcopy(stream.start_state)
+        self.generator = np.random.Generator(bit_generator)
+        self.block = np.zeros(0, dtype=bool)
+        self.block_start = 0  # entry index of self.block[0]
+
+    def mask(self, part: slice) -> np.ndarray:
+        stream, pieces = self.stream, []
+        start = part.start
+        while start < part.stop:
+            end = self.block_start + len(self.block)
+            if start >= end:  # the next block (parts come in increasing order)
+                if start != end:
+                    raise ValueError("BernoulliSlices reads slices in increasing, contiguous order")
+                self.block_start = end
+                size = min(stream.BLOCK, stream.count - end)
+                self.block = bernoulli(self.generator, size, stream.density)
+                continue
+            stop = min(part.stop, end)
+            pieces.append(self.block[start - self.block_start : stop - self.block_start])
+            start = stop
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)

@@ -77,4 +77,5 @@ NUSLERP = Operator(
     max_models=2,
     summary="Weighted spherical interpolation of two models, or of their task vectors over a base.",
     paper="https://doi.org/10.1145/325165.325242",
+    memory="whole",
 )

@@ -34,13 +34,15 @@ def masked_l1_factor(backend: Backend, magnitude: Any, keep: Any) -> float | Non
 
 
 def streamed_l1_factor(operands: Operands[Any], source: Source[Any], keep: Any) -> float | None:
-    """The factor without a |δ| buffer: |δ| formed block by block from ``source`` and the base."""
+    """The factor without a |δ| buffer: |δ| formed block by block from ``source`` and the base; ``keep`` is
+    a flat mask, or a function of a slice that gives the mask's slice (slices come in order)."""
     assert operands.base is not None
     backend = operands.backend
+    mask_of = keep if callable(keep) else keep.__getitem__
     before = after = 0.0
     for part in blocks(operands.numel):
         magnitude = backend.abs(source.read(part) - operands.base.read(part))
         before += backend.total(magnitude)
-        magnitude *= keep[part]
+        magnitude *= mask_of(part)
         after += backend.total(magnitude)
     return l1_factor(before, after)

@@ -77,4 +77,5 @@ SCE = Operator(
     min_models=1,
     summary="Keep high-variance positions, weight models by delta energy, TIES-style sign erase and mean.",
     paper="https://arxiv.org/abs/2408.07990",
+    memory="whole",
 )

@@ -72,4 +72,5 @@ TIES = Operator(
     base="required",
     summary="Trim task vectors to their largest entries, elect a sign per entry, average the agreeing ones.",
     paper="https://arxiv.org/abs/2306.01708",
+    memory="stream_cuts",
 )
