@@ -11,7 +11,7 @@ from __future__ import annotations
 from gift_merge.io.finite import InputWatch
 from gift_merge.io.writer import ShardedWriter
 from gift_merge.operators import get_operator
-from gift_merge.operators.base import CHUNK, NO_LIMIT
+from gift_merge.operators.base import CHUNK, NO_LIMIT, cut_bytes
 from gift_merge.plan import MergePlan, TensorJob
 
 from .backend import NUMPY, Backend
@@ -80,8 +80,8 @@ class MethodEngine:
             return 0
         slices = CHUNK * 4 * (len(job.sources) + 3)
         memory = get_operator(job.operator).memory
-        cuts = job.numel * (4 + len(job.inputs))  # a float32 |δ| and a bool mask per model
-        if memory == "cuts" or (memory == "stream_cuts" and job.numel * 4 <= buffer_limit):
+        cuts = cut_bytes(job.numel, len(job.inputs))
+        if memory == "cuts" or (memory == "stream_cuts" and cuts <= buffer_limit):
             return slices + cuts
         if memory == "whole":
             return slices + job.numel * 4 * (len(job.sources) + 1)

@@ -87,6 +87,11 @@ CHUNK = 1 << 18
 draws taken slice by slice consume the generator exactly as one whole draw)."""
 
 
+def cut_bytes(numel: int, models: int) -> int:
+    """What a cut decided on buffers holds: a float32 |δ| and a bool mask per model."""
+    return numel * (4 + models)
+
+
 NO_LIMIT = 1 << 62
 """A buffer limit no tensor reaches."""
 
@@ -156,9 +161,9 @@ class Operands(Generic[Array]):
     """Bytes this tensor's method may hold in tensor-sized buffers (a |δ| buffer, masks): the engine's share
     of the memory budget. A cut that does not fit streams its inputs again instead (:func:`gta.threshold`)."""
 
-    def fits(self, nbytes: int) -> bool:
-        """Whether a buffer of ``nbytes`` stays within :attr:`buffer_limit`."""
-        return nbytes <= self.buffer_limit
+    def cuts_fit(self) -> bool:
+        """Whether this tensor's cut buffers (:func:`cut_bytes`) stay within :attr:`buffer_limit`."""
+        return cut_bytes(self.numel, len(self.sources)) <= self.buffer_limit
 
     @property
     def numel(self) -> int:

@@ -18,16 +18,12 @@ mergekit's for the same seed (same distribution).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import draws
 from .base import Operands, Operator, Source
-from .gta import Cut, MaskCut, gta_merge, gta_params
+from .gta import Cut, MaskCut, ReplayCut, gta_merge, gta_params
 from .rescale import streamed_l1_factor
-
-if TYPE_CHECKING:
-    from gift_merge.engine.backend import Backend
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
@@ -37,36 +33,20 @@ def random_cut(
 ) -> Cut | None:
     """Keep each entry with probability ρ: m ~ Bernoulli(ρ) drawn slice by slice (:mod:`draws`; consumed
     even at ρ ≥ 1), kept as a bool mask where it fits the job's buffer limit, else drawn again slice by slice
-    when applied (:class:`DrawnCut`); the rescale's norms are summed as |δ| is formed, with no buffer."""
+    when applied (:class:`~.gta.ReplayCut`); the rescale's norms are summed as |δ| is formed, with no buffer."""
     density = float(model_params["density"])
     if density >= 1:
         draws.skip_draws(operands.generator, operands.numel)
         return None
     backend = operands.backend
-    if not operands.fits(operands.numel * 4):  # the rule of every streamable cut (base.Memory)
-        stream = draws.BernoulliStream(operands.generator, operands.numel, density)
+    if not operands.cuts_fit():
+        replay = draws.bernoulli_replay(backend, operands.generator, operands.numel, density)
         draws.skip_draws(operands.generator, operands.numel)  # the next model's draws start where they would
-        factor = streamed_l1_factor(operands, source, stream.slices().mask) if rescale else None
-        return DrawnCut(backend, stream.slices(), factor)
+        return ReplayCut(replay(), streamed_l1_factor(operands, source, replay()) if rescale else None)
     keep = backend.empty(operands.numel, "bool")
     for part in operands.chunks():  # small draws stay in cache; even lengths keep the whole draw's order
         keep[part] = backend.from_host(draws.bernoulli(operands.generator, part.stop - part.start, density))
     return MaskCut(keep, streamed_l1_factor(operands, source, keep) if rescale else None)
-
-
-@dataclass
-class DrawnCut:
-    """A Bernoulli mask too large to hold, drawn again a slice at a time as the slices are cut (in order)."""
-
-    backend: Backend
-    mask: draws.BernoulliSlices
-    factor: float | None
-
-    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
-        delta *= self.backend.from_host(self.mask.mask(part))
-        if self.factor is not None:
-            delta *= self.factor
-        return delta
 
 
 def dare_linear_merge(operands: Operands[Any]) -> None:

@@ -24,7 +24,7 @@ keeps u < p. Differences from mergekit, each deliberate:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,8 @@ import numpy as np
 from . import draws
 from .base import Operands, Operator, Param, Source
 from .checks import interval
-from .gta import Cut, MaskCut, gta_merge, gta_params, magnitudes
-from .rescale import masked_l1_factor
+from .gta import Cut, MaskCut, ReplayCut, gta_merge, gta_params, magnitudes
+from .rescale import masked_l1_factor, streamed_l1_factor
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -52,41 +52,78 @@ RANK_BLOCK = 1 << 18
 def magprune_cut(
     operands: Operands[Any], source: Source[Any], model_params: Mapping[str, Any], rescale: bool
 ) -> Cut | None:
-    """Keep each entry with its rank's probability p, decided on a |δ| buffer a block of rows at a time."""
+    """Keep each entry with its rank's probability p: decided on a |δ| buffer a block of rows at a time, or
+    for a tensor too large for the buffer limit, made again block by block when applied (same draws, ranks
+    and mask: :class:`~.gta.ReplayCut`)."""
     density = float(model_params["density"])
     if density >= 1:
         draws.skip_draws(operands.generator, operands.numel)  # every model consumes its draws
         return None
-    magnitude = magnitudes(operands, source)
-    keep = keep_mask(operands, magnitude, density, float(model_params["epsilon"]))
-    return MaskCut(keep, masked_l1_factor(operands.backend, magnitude, keep) if rescale else None)
+    epsilon = float(model_params["epsilon"])
+    if operands.cuts_fit():
+        magnitude = magnitudes(operands, source)
+        keep = keep_mask(operands, magnitude, density, epsilon)
+        return MaskCut(keep, masked_l1_factor(operands.backend, magnitude, keep) if rescale else None)
+    assert operands.base is not None
+    base, fresh = operands.base, draws.replay_generator(operands.generator)
+    draws.skip_draws(operands.generator, operands.numel)  # the next model's draws start where they would
+
+    def replay() -> draws.Replay:
+        def magnitude_of(part: slice) -> Any:
+            return operands.backend.abs(source.read(part) - base.read(part))
+
+        return draws.Replay(keep_blocks(operands, magnitude_of, fresh(), density, epsilon))
+
+    return ReplayCut(replay(), streamed_l1_factor(operands, source, replay()) if rescale else None)
 
 
 def keep_mask(operands: Operands[Any], magnitude: Any, density: float, epsilon: float) -> Any:
-    """m ~ Bernoulli(p) as u < p, with u the entries' draws in index order (:mod:`draws`).
+    """The keep mask of a flat |δ| buffer (:func:`keep_blocks`), drawn from ``operands.generator``."""
+    keep = operands.backend.empty(operands.numel, "bool")
+    for _ in keep_blocks(operands, magnitude.__getitem__, operands.generator, density, epsilon, out=keep):
+        pass
+    return keep
+
+
+def keep_blocks(
+    operands: Operands[Any],
+    magnitude_of: Callable[[slice], Any],
+    generator: np.random.Generator | None,
+    density: float,
+    epsilon: float,
+    out: Any = None,
+) -> Iterator[Any]:
+    """m ~ Bernoulli(p) as u < p, with u the entries' draws in index order (:mod:`draws`), a block of whole
+    rows at a time, in order (into ``out``'s slices when given); ``magnitude_of(part)`` gives |δ| of a block.
 
     Ranked in sorted order: p of the r-th smallest |δ| in a row is the same for every row, so each block
     compares its draws, taken in sorted order, with one vector of p and puts the results back, without
     forming ranks. Blocks hold an even number of entries, so drawing block by block consumes the draws of
     one whole-tensor draw in the same order.
     """
-    backend, generator = operands.backend, operands.generator
+    backend = operands.backend
     width = operands.shape[-1] if operands.shape else 1
-    keep = backend.empty(operands.numel, "bool")
+
+    def block_for(part: slice) -> Any:
+        return out[part] if out is not None else backend.empty(part.stop - part.start, "bool")
+
     if width == 1:  # mergekit's (rank − min)/(max − min) is 0/0 here; r̃ = ½ gives p = ρ
         p = np.float32(density - epsilon) + np.float32(0.5) * np.float32(2 * epsilon)
-        keep[:] = backend.from_host(draws.uniform(generator, operands.numel) < p)
-        return keep
+        for part in operands.chunks(RANK_BLOCK):
+            keep = block_for(part)
+            keep[:] = backend.from_host(draws.uniform(generator, part.stop - part.start) < p)
+            yield keep
+        return
     p_sorted = (density - epsilon) + (np.arange(width, dtype=np.float32) / (width - 1)) * (2 * epsilon)
     p_sorted = backend.from_host(p_sorted)
     rows = max(1, RANK_BLOCK // width)
     rows += rows % 2 if width % 2 else 0
-    for start in range(0, operands.numel, rows * width):
-        part = slice(start, min(start + rows * width, operands.numel))
-        order = backend.row_order(magnitude[part].reshape(-1, width))  # flat positions, each row ascending
+    for part in operands.chunks(rows * width):
+        order = backend.row_order(magnitude_of(part).reshape(-1, width))  # flat positions, each row ascending
         u = backend.from_host(draws.uniform(generator, part.stop - part.start))
-        keep[part][order] = u[order] < p_sorted
-    return keep
+        keep = block_for(part)
+        keep[order] = u[order] < p_sorted
+        yield keep
 
 
 def check_della(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> str | None:
@@ -117,7 +154,7 @@ DELLA = Operator(
     random=True,
     summary="Drop delta entries with magnitude-ranked probabilities, rescale, then TIES consensus.",
     paper=PAPER,
-    memory="cuts",
+    memory="stream_cuts",
     check=check_della,
 )
 
@@ -129,6 +166,6 @@ DELLA_LINEAR = Operator(
     random=True,
     summary="Drop delta entries with magnitude-ranked probabilities, rescale, then add the weighted deltas.",
     paper=PAPER,
-    memory="cuts",
+    memory="stream_cuts",
     check=check_della,
 )

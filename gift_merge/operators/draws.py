@@ -13,8 +13,15 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from gift_merge.lazy import torch
+
+if TYPE_CHECKING:
+    from gift_merge.engine.backend import Backend
 
 
 def _bit_generator(generator: np.random.Generator | None) -> np.random.BitGenerator:
@@ -54,48 +61,60 @@ def bernoulli(generator: np.random.Generator | None, count: int, density: float)
     return bits <= np.uint32(limit * 256 - 1)
 
 
-class BernoulliStream:
-    """The Bernoulli(ρ) mask of :func:`bernoulli` over ``count`` entries, served for slices in increasing
-    order without ever holding it whole: drawn again, in even-length blocks, from a copy of the generator's
-    state taken where this mask's draws begin. Each new stream over the same state serves the same mask, so
-    one pass can sum the kept norms and a later pass apply the mask."""
-
-    BLOCK = 1 << 18
-
-    def __init__(self, generator: np.random.Generator | None, count: int, density: float) -> None:
-        bit_generator = _bit_generator(generator)
-        self.kind, self.start_state = type(bit_generator), copy.deepcopy(bit_generator.state)
-        self.count, self.density = count, density
-
-    def slices(self) -> BernoulliSlices:
-        """A reader of the mask from its first entry."""
-        return BernoulliSlices(self)
+REPLAY_BLOCK = 1 << 18
+"""Entries per block of a replayed Bernoulli mask (even, so block draws are the whole draw's)."""
 
 
-class BernoulliSlices:
-    """One pass over a :class:`BernoulliStream`'s mask: ``mask(part)`` for slices in increasing order."""
+def replay_generator(generator: np.random.Generator | None) -> Callable[[], np.random.Generator]:
+    """A function returning, at each call, a new generator in the state ``generator`` is in now: the same
+    draws again, as often as a streamed cut needs them."""
+    bit_generator = _bit_generator(generator)
+    kind, state = type(bit_generator), copy.deepcopy(bit_generator.state)
 
-    def __init__(self, stream: BernoulliStream) -> None:
-        self.stream = stream
-        bit_generator = stream.kind()
-        bit_generator.state = copy.deepcopy(stream.start_state)
-        self.generator = np.random.Generator(bit_generator)
-        self.block = np.zeros(0, dtype=bool)
-        self.block_start = 0  # entry index of self.block[0]
+    def fresh() -> np.random.Generator:
+        again = kind()
+        again.state = copy.deepcopy(state)
+        return np.random.Generator(again)
 
-    def mask(self, part: slice) -> np.ndarray:
-        stream, pieces = self.stream, []
-        start = part.start
+    return fresh
+
+
+class Replay:
+    """Values over a flat range, made in consecutive blocks by ``blocks`` and served for slices in
+    increasing, contiguous order with one block held at a time: a mask too large to keep, made again."""
+
+    def __init__(self, blocks: Iterator[Any]) -> None:
+        self.blocks = blocks
+        self.block: Any = None
+        self.block_start = self.block_end = 0
+
+    def __call__(self, part: slice) -> Any:
+        pieces, start = [], part.start
         while start < part.stop:
-            end = self.block_start + len(self.block)
-            if start >= end:  # the next block (parts come in increasing order)
-                if start != end:
-                    raise ValueError("BernoulliSlices reads slices in increasing, contiguous order")
-                self.block_start = end
-                size = min(stream.BLOCK, stream.count - end)
-                self.block = bernoulli(self.generator, size, stream.density)
+            if start >= self.block_end:
+                if start != self.block_end:
+                    raise ValueError("a replayed mask is read in increasing, contiguous slices")
+                self.block = next(self.blocks)
+                self.block_start, self.block_end = self.block_end, self.block_end + len(self.block)
                 continue
-            stop = min(part.stop, end)
+            stop = min(part.stop, self.block_end)
             pieces.append(self.block[start - self.block_start : stop - self.block_start])
             start = stop
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if isinstance(pieces[0], np.ndarray) else torch.cat(pieces)
+
+
+def bernoulli_replay(
+    backend: Backend, generator: np.random.Generator | None, count: int, density: float
+) -> Callable[[], Replay]:
+    """Readers of the :func:`bernoulli` mask of ``count`` entries that ``generator`` would draw next, each
+    from its first entry, drawn again in :data:`REPLAY_BLOCK` blocks instead of held."""
+    fresh = replay_generator(generator)
+
+    def blocks() -> Iterator[Any]:
+        again = fresh()
+        for start in range(0, count, REPLAY_BLOCK):
+            yield backend.from_host(bernoulli(again, min(REPLAY_BLOCK, count - start), density))
+
+    return lambda: Replay(blocks())

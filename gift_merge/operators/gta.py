@@ -98,6 +98,21 @@ class MaskCut:
         return delta
 
 
+@dataclass
+class ReplayCut:
+    """A keep mask too large to hold, made again a slice at a time as the slices are cut, in order
+    (:class:`~.draws.Replay`), and its rescale factor."""
+
+    mask: Callable[[slice], Any]
+    factor: float | None
+
+    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
+        delta *= self.mask(part)
+        if self.factor is not None:
+            delta *= self.factor
+        return delta
+
+
 Cut = Any
 """A cut: anything with ``apply(operands, delta, part)`` that masks (and rescales) one slice of δ in index
 order: :class:`ThresholdCut`, :class:`MaskCut`, breadcrumbs' band."""
@@ -129,7 +144,7 @@ def magnitude_slices(operands: Operands[Any], source: Source[Any], size: int | N
 def buffered(operands: Operands[Any], source: Source[Any]) -> bool:
     """Whether a cut decides on a |δ| buffer (it fits :attr:`~.base.Operands.buffer_limit`, or the values are
     float64, which the radix passes do not read) rather than by streaming (:func:`streamed_threshold`)."""
-    return operands.fits(operands.numel * 4) or source.read(slice(0, 1)).dtype.itemsize != 4
+    return operands.cuts_fit() or source.read(slice(0, 1)).dtype.itemsize != 4
 
 
 def streamed_threshold(operands: Operands[Any], source: Source[Any], k: int) -> tuple[float, int]:

@@ -14,7 +14,7 @@ from gift_merge.cli import main
 from gift_merge.dtypes import FLOAT32
 from gift_merge.engine.backend import NUMPY
 from gift_merge.engine.selection import kth_largest_and_count, streamed_kth_largest
-from gift_merge.operators import draws, get_operator, gta
+from gift_merge.operators import della, draws, get_operator, gta
 from gift_merge.operators.base import Operands, Output
 
 from .operator_testing import apply, make_inputs
@@ -55,14 +55,17 @@ def test_streamed_kth_largest_is_the_buffered_answer(seed: int, special: bool) -
         assert np.array_equal(np.float32(value), expected_value, equal_nan=True), (k, value, expected_value)
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize(
+    "method", ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della", "della_linear"]
+)
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_streamed_cut_writes_the_buffered_bits(
     method: str, rescale: bool, seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(gta, "HISTOGRAM_SLICE", 4_099)  # several radix slices on a small tensor
-    monkeypatch.setattr(draws.BernoulliStream, "BLOCK", 1_000)  # several redrawn blocks, across the cut's slices
+    monkeypatch.setattr(draws, "REPLAY_BLOCK", 1_000)  # several redrawn blocks, across the cut's slices
+    monkeypatch.setattr(della, "RANK_BLOCK", 5_000)  # several blocks of ranked rows
     g = torch.Generator().manual_seed(seed)
     shape = (181, 733)  # more entries than one summation block: ties and sums cross slices
     base = torch.randn(shape, generator=g)
@@ -72,7 +75,9 @@ def test_streamed_cut_writes_the_buffered_bits(
         tensors[0].view(-1)[[5, 9_000, 70_000]] = float("inf")
         tensors[1].view(-1)[[17, 40_000]] = float("nan")
     op = get_operator(method)
-    model_values = [{"density": d, "gamma": 0.02, "weight": w} for d, w in ((0.3, 1.0), (0.55, 0.7), (0.9, 0.4))]
+    model_values = [
+        {"density": d, "gamma": 0.02, "epsilon": 0.1, "weight": w} for d, w in ((0.3, 1.0), (0.55, 0.7), (0.85, 0.4))
+    ]
     inputs = make_inputs(op, tensors, base, model_values, {"rescale": rescale})
     buffered = apply(op, inputs).numpy()
     if op.random:  # a fresh generator for the second run, seeded alike
@@ -82,7 +87,7 @@ def test_streamed_cut_writes_the_buffered_bits(
     assert not np.array_equal(buffered, base.numpy())  # the cut kept something
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
 def test_a_small_memory_budget_streams_cuts_and_writes_the_same_shards(
     tmp_path: Path, llama: dict[str, Path], method: str
 ) -> None:
@@ -105,8 +110,8 @@ def test_the_memory_budget_decides_which_cuts_stream() -> None:
     from gift_merge.engine.executor import buffer_limit
 
     assert buffer_limit(1 << 30, 2) == (1 << 30) // 3
-    assert gta.buffered(_operands(1000, buffer_limit=4000), _Float32Source())
-    assert not gta.buffered(_operands(1001, buffer_limit=4000), _Float32Source())
+    assert gta.buffered(_operands(800, buffer_limit=4000), _Float32Source())  # 800 × (4 + 1 mask byte)
+    assert not gta.buffered(_operands(801, buffer_limit=4000), _Float32Source())
 
 
 class _Float32Source:
