@@ -190,7 +190,7 @@ def test_streamed_dare_rescale_sums_the_same_blocks(monkeypatch: pytest.MonkeyPa
     from gift_merge.dtypes import FLOAT32
     from gift_merge.engine.backend import NUMPY
     from gift_merge.operators.base import Operands, Output
-    from gift_merge.operators.rescale import masked_l1_factor, streamed_l1_factor
+    from gift_merge.operators.rescale import by_slice, masked_l1_factor, streamed_l1_factor
     from tests.operators.operator_testing import ArraySource
 
     monkeypatch.setattr(reductions, "REDUCE_BLOCK", 96)
@@ -200,4 +200,4 @@ def test_streamed_dare_rescale_sums_the_same_blocks(monkeypatch: pytest.MonkeyPa
     keep = rng.random(20_001) < 0.4
     operands = Operands([ArraySource(tuned)], ArraySource(base), (20_001,), NUMPY, Output(NUMPY, 20_001, FLOAT32))
     whole = masked_l1_factor(NUMPY, np.abs(tuned - base), keep)
-    assert whole is not None and streamed_l1_factor(operands, operands.sources[0], keep) == whole
+    assert whole is not None and streamed_l1_factor(operands, operands.sources[0], by_slice(keep.__getitem__)) == whole

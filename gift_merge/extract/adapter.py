@@ -21,7 +21,7 @@ import torch
 from gift_merge.dtypes import of
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.adapter import pattern_key
-from gift_merge.io.writer import OutputTensor, _header_bytes  # same header layout as merged checkpoints
+from gift_merge.io.writer import OutputTensor, header_bytes  # same header layout as merged checkpoints
 
 
 class AdapterWriter:
@@ -58,7 +58,7 @@ class AdapterWriter:
     def close(self) -> None:
         """Write header + data; the spool is removed."""
         self._spool.close()
-        header, _ = _header_bytes(self._tensors)
+        header, _ = header_bytes(self._tensors)
         with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
             out.write(header)
             shutil.copyfileobj(spool, out, length=16 << 20)

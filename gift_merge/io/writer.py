@@ -53,7 +53,9 @@ class _Slot:
     tensor: OutputTensor
 
 
-def _shard_groups(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+def shard_groups(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+    """The output's shards: tensors in plan order, a new shard wherever the next would pass the size cap.
+    A pure function of the plan and the cap, so every part of a split merge agrees (:mod:`gift_merge.parts`)."""
     groups: list[list[OutputTensor]] = [[]]
     size = 0
     for t in tensors:
@@ -65,7 +67,8 @@ def _shard_groups(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list
     return groups
 
 
-def _header_bytes(group: Sequence[OutputTensor]) -> tuple[bytes, list[int]]:
+def header_bytes(group: Sequence[OutputTensor]) -> tuple[bytes, list[int]]:
+    """A shard's safetensors header (padded as the format asks) and each tensor's offset after it."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     starts, pos = [], 0
     for t in group:
@@ -127,7 +130,7 @@ class ShardedWriter:
         names = [t.name for t in tensors]
         if len(set(names)) != len(names):
             raise GiftMergeError("output plan names a tensor twice")
-        groups = _shard_groups(tensors, max_shard_bytes)
+        groups = shard_groups(tensors, max_shard_bytes)
         count = len(groups)
         self.files = [
             SINGLE_NAME if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)
@@ -138,7 +141,7 @@ class ShardedWriter:
         self._lock = threading.Lock()
         self.nonfinite: dict[str, NonFinite] = {}  # tensors written with NaN or ±inf
         for file, group in zip(self.files, groups, strict=True):
-            head, starts = _header_bytes(group)
+            head, starts = header_bytes(group)
             try:
                 fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds[file] = fd

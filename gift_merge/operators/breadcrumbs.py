@@ -18,7 +18,6 @@ set. ρ ≥ 1 returns δ unchanged (no outlier removal), as in mergekit.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,17 +26,18 @@ from .base import Operands, Operator, Param, Source
 from .checks import interval
 from .gta import (
     Cut,
+    MagnitudeCut,
     MaskCut,
     ThresholdCut,
     buffered,
     empty_cut,
     gta_merge,
     gta_params,
-    magnitude_slices,
+    kept_l1_factor,
     magnitudes,
     streamed_threshold,
 )
-from .rescale import l1_factor, masked_l1_factor
+from .rescale import masked_l1_factor
 
 if TYPE_CHECKING:
     from gift_merge.engine.backend import Backend
@@ -68,7 +68,7 @@ def outlier_cut(
     n_top = min(int(float(model_params["gamma"]) * n), n - target)
     if not buffered(operands, source):
         band = BandCut(_top(operands, source, n_top + target), _top(operands, source, n_top), None)
-        band.factor = _band_l1_factor(operands, source, band) if rescale else None
+        band.factor = kept_l1_factor(operands, source, band) if rescale else None
         return band
     magnitude = magnitudes(operands, source)
     keep = top_k(backend, magnitude, n_top + target)
@@ -87,7 +87,7 @@ def _top(operands: Operands[Any], source: Source[Any], k: int) -> ThresholdCut |
 
 
 @dataclass
-class BandCut:
+class BandCut(MagnitudeCut):
     """The |δ| ranks between two streamed cuts: kept by ``lower`` and not by ``upper`` (None: every entry)."""
 
     lower: ThresholdCut | None
@@ -100,24 +100,6 @@ class BandCut:
         if self.upper is not None:
             keep &= ~self.upper.keep(backend, magnitude)
         return keep
-
-    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
-        delta *= self.keep(operands.backend, operands.backend.abs(delta))
-        if self.factor is not None:
-            delta *= self.factor
-        return delta
-
-
-def _band_l1_factor(operands: Operands[Any], source: Source[Any], band: BandCut) -> float | None:
-    """The band's L1 rescale factor over the summation blocks, as :func:`~.rescale.masked_l1_factor` sums."""
-    backend = operands.backend
-    counter = BandCut(copy.copy(band.lower), copy.copy(band.upper), None)
-    before = after = 0.0
-    for magnitude in magnitude_slices(operands, source):
-        before += backend.total(magnitude)
-        magnitude *= counter.keep(backend, magnitude)
-        after += backend.total(magnitude)
-    return l1_factor(before, after)
 
 
 def breadcrumbs_merge(operands: Operands[Any]) -> None:

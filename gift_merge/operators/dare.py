@@ -23,7 +23,7 @@ from typing import Any
 from . import draws
 from .base import Operands, Operator, Source
 from .gta import Cut, MaskCut, ReplayCut, gta_merge, gta_params
-from .rescale import streamed_l1_factor
+from .rescale import by_slice, streamed_l1_factor
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
@@ -42,11 +42,11 @@ def random_cut(
     if not operands.cuts_fit():
         replay = draws.bernoulli_replay(backend, operands.generator, operands.numel, density)
         draws.skip_draws(operands.generator, operands.numel)  # the next model's draws start where they would
-        return ReplayCut(replay(), streamed_l1_factor(operands, source, replay()) if rescale else None)
+        return ReplayCut(replay(), streamed_l1_factor(operands, source, by_slice(replay())) if rescale else None)
     keep = backend.empty(operands.numel, "bool")
     for part in operands.chunks():  # small draws stay in cache; even lengths keep the whole draw's order
         keep[part] = backend.from_host(draws.bernoulli(operands.generator, part.stop - part.start, density))
-    return MaskCut(keep, streamed_l1_factor(operands, source, keep) if rescale else None)
+    return MaskCut(keep, streamed_l1_factor(operands, source, by_slice(keep.__getitem__)) if rescale else None)
 
 
 def dare_linear_merge(operands: Operands[Any]) -> None:

@@ -33,7 +33,7 @@ from . import draws
 from .base import Operands, Operator, Param, Source
 from .checks import interval
 from .gta import Cut, MaskCut, ReplayCut, gta_merge, gta_params, magnitudes
-from .rescale import masked_l1_factor, streamed_l1_factor
+from .rescale import by_slice, masked_l1_factor, streamed_l1_factor
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -74,7 +74,7 @@ def magprune_cut(
 
         return draws.Replay(keep_blocks(operands, magnitude_of, fresh(), density, epsilon))
 
-    return ReplayCut(replay(), streamed_l1_factor(operands, source, replay()) if rescale else None)
+    return ReplayCut(replay(), streamed_l1_factor(operands, source, by_slice(replay())) if rescale else None)
 
 
 def keep_mask(operands: Operands[Any], magnitude: Any, density: float, epsilon: float) -> Any:

@@ -22,6 +22,7 @@ same result.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from .base import Operands, Param, Source
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
 from .consensus import consensus_sum
 from .reductions import REDUCE_BLOCK
-from .rescale import l1_factor
+from .rescale import streamed_l1_factor
 
 if TYPE_CHECKING:
     from gift_merge.engine.backend import Backend
@@ -59,8 +60,25 @@ def gta_params(*, normalize: bool, rescale: bool, extra: tuple[Param, ...] = ())
     )
 
 
+class MagnitudeCut:
+    """A cut that decides each slice's mask from the slice's |δ| alone (slices in index order), then
+    rescales by ``factor``."""
+
+    factor: float | None
+
+    def keep(self, backend: Backend, magnitude: Any) -> Any:
+        """The mask of the next slice's |δ|."""
+        raise NotImplementedError
+
+    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
+        delta *= self.keep(operands.backend, operands.backend.abs(delta))
+        if self.factor is not None:
+            delta *= self.factor
+        return delta
+
+
 @dataclass
-class ThresholdCut:
+class ThresholdCut(MagnitudeCut):
     """A magnitude cut known before any slice is masked: keep |δ| > threshold, plus the first
     ``ties_left`` entries equal to it in index order (slices must come in index order), then rescale."""
 
@@ -76,12 +94,6 @@ class ThresholdCut:
             keep[tied] = True
             self.ties_left -= len(tied)
         return keep
-
-    def apply(self, operands: Operands[Any], delta: Any, part: slice) -> Any:
-        delta *= self.keep(operands.backend, operands.backend.abs(delta))
-        if self.factor is not None:
-            delta *= self.factor
-        return delta
 
 
 @dataclass
@@ -162,16 +174,11 @@ def streamed_threshold(operands: Operands[Any], source: Source[Any], k: int) -> 
     return streamed_kth_largest(histogram, k)
 
 
-def threshold_l1_factor(operands: Operands[Any], source: Source[Any], cut: ThresholdCut) -> float | None:
-    """The L1 rescale factor of a threshold cut, with |δ| formed slice by slice: the summation blocks of
-    :func:`~.rescale.masked_l1_factor`, so the same factor as on a buffer."""
-    backend, counter = operands.backend, ThresholdCut(cut.threshold, cut.ties_left, None)
-    before = after = 0.0
-    for magnitude in magnitude_slices(operands, source):
-        before += backend.total(magnitude)
-        magnitude *= counter.keep(backend, magnitude)
-        after += backend.total(magnitude)
-    return l1_factor(before, after)
+def kept_l1_factor(operands: Operands[Any], source: Source[Any], cut: MagnitudeCut) -> float | None:
+    """The L1 rescale factor of a cut decided slice by slice, with |δ| formed slice by slice (on a copy of
+    the cut, which counts its ties as it goes): the same factor as on a buffer."""
+    counter = copy.deepcopy(cut)
+    return streamed_l1_factor(operands, source, lambda part, magnitude: counter.keep(operands.backend, magnitude))
 
 
 def empty_cut() -> ThresholdCut:

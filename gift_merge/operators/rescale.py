@@ -8,6 +8,7 @@ sums (:mod:`reductions`), so a streamed pass gets the same factor as a whole-ten
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .reductions import blocked_total, blocks
@@ -33,16 +34,22 @@ def masked_l1_factor(backend: Backend, magnitude: Any, keep: Any) -> float | Non
     return l1_factor(before, blocked_total(backend, magnitude))
 
 
-def streamed_l1_factor(operands: Operands[Any], source: Source[Any], keep: Any) -> float | None:
-    """The factor without a |δ| buffer: |δ| formed block by block from ``source`` and the base; ``keep`` is
-    a flat mask, or a function of a slice that gives the mask's slice (slices come in order)."""
+def streamed_l1_factor(operands: Operands[Any], source: Source[Any], keep: Callable[[slice, Any], Any]) -> float | None:
+    """The factor without a |δ| buffer: |δ| formed a summation block at a time from ``source`` and the base
+    (the blocks :func:`masked_l1_factor` sums, so the same factor); ``keep(part, magnitude)`` gives the
+    block's mask (blocks come in order)."""
     assert operands.base is not None
     backend = operands.backend
-    mask_of = keep if callable(keep) else keep.__getitem__
     before = after = 0.0
     for part in blocks(operands.numel):
         magnitude = backend.abs(source.read(part) - operands.base.read(part))
         before += backend.total(magnitude)
-        magnitude *= mask_of(part)
+        magnitude *= keep(part, magnitude)
         after += backend.total(magnitude)
     return l1_factor(before, after)
+
+
+def by_slice(mask_of: Callable[[slice], Any]) -> Callable[[slice, Any], Any]:
+    """A mask given by slice (a buffer's ``__getitem__``, a replayed mask), as :func:`streamed_l1_factor`
+    takes it."""
+    return lambda part, magnitude: mask_of(part)

@@ -27,9 +27,9 @@ from .gta import (
     empty_cut,
     gta_merge,
     gta_params,
+    kept_l1_factor,
     magnitudes,
     streamed_threshold,
-    threshold_l1_factor,
 )
 from .rescale import masked_l1_factor
 from .selection import cut_mask
@@ -49,7 +49,7 @@ def magnitude_cut(
     if not buffered(operands, source):  # a tensor too large for a |δ| buffer: radix passes, the same cut
         threshold, above = streamed_threshold(operands, source, k)
         cut = ThresholdCut(threshold, k - above, None)
-        cut.factor = threshold_l1_factor(operands, source, cut) if rescale else None
+        cut.factor = kept_l1_factor(operands, source, cut) if rescale else None
         return cut
     magnitude = magnitudes(operands, source)
     # Without a rescale nothing below needs |δ| in index order (the tie count is a count), so the selection
