@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gift_merge.architecture import LayerLayout, detect_layout
 from gift_merge.dtypes import DType
@@ -20,6 +20,9 @@ from gift_merge.io.adapter import AdapterReader, Patch, is_adapter_folder
 from gift_merge.io.locate import locate
 from gift_merge.io.reader import CheckpointReader
 from gift_merge.recipe.schema import ModelRef
+
+if TYPE_CHECKING:
+    from gift_merge.io.tokenizer_files import TokenizerVocab
 
 
 @dataclass
@@ -34,6 +37,8 @@ class ModelInfo:
     patches: Mapping[str, Patch] = field(default_factory=dict)
     adapter_only: bool = False  # an adapter folder standing as a model: its receiving model plus ΔW
     planned_adapter: bool = False  # a recipe's train stage not yet run: ``patches`` say what it will touch
+    # a planned stage's output: the vocabulary its tokenizer will hold, or the model whose files it copies
+    tokenizer: TokenizerVocab | ModelInfo | None = None
 
     def has(self, name: str) -> bool:
         return name in self.tensors

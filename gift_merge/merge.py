@@ -54,6 +54,7 @@ class MergeOptions:
     strict: bool = False  # non-finite input or output values are an error, not a warning
     hash_inputs: bool = False  # record the sha256 of every local input weight file (one more read of each)
     max_memory: int | None = None  # bytes of private memory the engine may hold (default_memory_budget())
+    part: tuple[int, int] | None = None  # (i, n): write only part i of n of the output's shards (gift_merge.parts)
 
     @property
     def memory_budget(self) -> int:
@@ -85,7 +86,8 @@ def stage_folders(recipe: Recipe, out: Path, intermediate: Path | None) -> dict[
 def _virtual_output(plan: MergePlan, folder: Path, name: str) -> ModelInfo:
     tensors = {j.name: (j.shape, j.out_dtype) for j in plan.jobs}
     layout = detect_layout(tensors, plan.config, name)
-    return ModelInfo(name, folder, tensors, plan.config, layout, virtual=True)
+    tokenizer = plan.vocabulary.vocabulary if plan.vocabulary is not None else plan.models[plan.tokenizer_model]
+    return ModelInfo(name, folder, tensors, plan.config, layout, virtual=True, tokenizer=tokenizer)
 
 
 StagePlan = MergePlan | TrainPlan
@@ -122,6 +124,11 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOpti
     """
     options = options or MergeOptions()
     destination = resolve_output(recipe, out)
+    if options.part is not None:  # parts run at once, each locking the shards it writes, not the output
+        from gift_merge.parts import run_part
+
+        run_part(recipe, destination, options)
+        return destination
     with output_lock(destination):
         if recipe.compare is not None:  # builds, evaluates and ranks arms; reruns reuse what is unchanged
             from gift_merge.compare.run import run_compare
@@ -228,7 +235,6 @@ def stage_is_current(folder: Path, stage: Stage, fingerprint: dict[str, Any]) ->
 def _write_merge(
     plan: MergePlan, destination: Path, options: MergeOptions, *, overwrite: bool, label: str, full_recipe: str | None
 ) -> None:
-    reference = plan.models[plan.reference]
     check_room(destination.parent, plan.output_bytes, f"stage {label}")
     if not options.quiet:
         log_estimate(plan, destination, options, label)
@@ -249,36 +255,43 @@ def _write_merge(
         )
         _report_nonfinite_inputs(watch.found)
         _report_nonfinite(writer.nonfinite, plan, strict=options.strict)
-        artifacts.write_json(tmp / "config.json", plan.config)
-        artifacts.copy_generation_config(reference.folder, tmp)
-        artifacts.copy_tokenizer(plan.models[plan.tokenizer_model].folder, tmp)
-        if plan.stage.chat_template:
-            artifacts.set_chat_template(tmp, plan.stage.chat_template, [m.folder for m in plan.models.values()])
-        (tmp / artifacts.RECIPE_NAME).write_text(plan.stage.text)
-        stage = plan.stage
-        recipe_text = full_recipe or stage.text
-        inputs = describe_inputs(plan, hash_files=options.hash_inputs)
-        provenance = {
-            "gift_merge_version": artifacts.package_versions("gift-merge")["gift-merge"],
-            "method": stage.merge_method,
-            "seed": options.seed,
-            "engine": choose_engine(plan, options.device, options.engine),
-            "device": options.device,
-            "inputs": inputs,
-            "hub_inputs": hub_inputs(inputs),
-            "license": origin.agreed_license(_folder_records(inputs)) or None,
-            "recipe": recipe_text,
-        }
-        artifacts.write_json(tmp / artifacts.PROVENANCE_NAME, provenance)
-        artifacts.write_model_card(
-            tmp,
-            method=stage.merge_method,
-            base=str(stage.base_model) if stage.base_model else None,
-            inputs=[m.label for m in plan.models.values()],
-            recipe_text=recipe_text,
-            trained=_training_records(plan),
-            provenance=provenance,
-        )
+        write_artifacts(plan, tmp, options, full_recipe)
+
+
+def write_artifacts(plan: MergePlan, tmp: Path, options: MergeOptions, full_recipe: str | None) -> None:
+    """Everything of a merged model but its weights: config, generation config, tokenizer, chat template,
+    the stage's recipe, ``gift_merge.json`` and the card (written once, also for a merge split in parts)."""
+    reference = plan.models[plan.reference]
+    artifacts.write_json(tmp / "config.json", plan.config)
+    artifacts.copy_generation_config(reference.folder, tmp)
+    write_tokenizer(plan, tmp)
+    if plan.stage.chat_template:
+        artifacts.set_chat_template(tmp, plan.stage.chat_template, [m.folder for m in plan.models.values()])
+    (tmp / artifacts.RECIPE_NAME).write_text(plan.stage.text)
+    stage = plan.stage
+    recipe_text = full_recipe or stage.text
+    inputs = describe_inputs(plan, hash_files=options.hash_inputs)
+    provenance = {
+        "gift_merge_version": artifacts.package_versions("gift-merge")["gift-merge"],
+        "method": stage.merge_method,
+        "seed": options.seed,
+        "engine": choose_engine(plan, options.device, options.engine),
+        "device": options.device,
+        "inputs": inputs,
+        "hub_inputs": hub_inputs(inputs),
+        "license": origin.agreed_license(_folder_records(inputs)) or None,
+        "recipe": recipe_text,
+    }
+    artifacts.write_json(tmp / artifacts.PROVENANCE_NAME, provenance)
+    artifacts.write_model_card(
+        tmp,
+        method=stage.merge_method,
+        base=str(stage.base_model) if stage.base_model else None,
+        inputs=[m.label for m in plan.models.values()],
+        recipe_text=recipe_text,
+        trained=_training_records(plan),
+        provenance=provenance,
+    )
 
 
 def stage_runner(options: MergeOptions) -> RunJobs:
@@ -425,3 +438,15 @@ def _training_records(plan: MergePlan) -> dict[str, dict]:
             except ValueError:
                 log.warning("%s: not valid JSON; the model card will not say how the adapter was trained", record)
     return records
+
+
+def write_tokenizer(plan: MergePlan, out: Path) -> None:
+    """The output's tokenizer: the merged one where the stage's vocabulary differs from its tokenizer model's
+    (:mod:`gift_merge.vocab`), else a copy of that model's tokenizer files."""
+    merged, home = plan.vocabulary, plan.models[plan.tokenizer_model].folder
+    if merged is None or not merged.rebuild:
+        artifacts.copy_tokenizer(home, out)
+        return
+    from gift_merge.io.tokenizer_files import write_tokenizer as write_merged
+
+    write_merged(out, home, limit=merged.limit, additions=merged.additions, expected=merged.ids)

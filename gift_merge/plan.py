@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gift_merge.architecture import is_pre_weight, is_vocab_tensor
 from gift_merge.dtypes import FLOAT32, FLOAT64, DType, dtype_name, parse_dtype
@@ -20,6 +20,9 @@ from gift_merge.operators import get_operator
 from gift_merge.operators.base import Operator, Param
 from gift_merge.recipe.schema import InputModel, MergeStage, ModelRef
 from gift_merge.recipe.settings import Setting
+
+if TYPE_CHECKING:
+    from gift_merge.vocab import MergedVocabulary, RowMap
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class TensorJob:
     rows: int | None = None  # vocab tensors: use the first `rows` rows of every input
     copy: bool = False  # non-float tensors (buffers) are copied from the first input unchanged
     math_dtype: DType = FLOAT32
+    row_map: RowMap | None = None  # vocabulary tensors: each input re-indexed to the merged vocabulary
 
     @property
     def numel(self) -> int:
@@ -73,6 +77,7 @@ class MergePlan:
     tokenizer_model: str
     config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    vocabulary: MergedVocabulary | None = None  # a merged tokenizer (``tokenizer_source`` / ``tokenizer:``)
 
     @property
     def output_bytes(self) -> int:
@@ -116,9 +121,44 @@ def plan_stage(stage: MergeStage, resolver: ModelResolver) -> MergePlan:
     require_output_config(models[reference], from_base=base_label is not None)
     planner = _Planner(stage, op, models, slices)
     jobs = planner.jobs()
-    tokenizer = info(stage.tokenizer_source).label if stage.tokenizer_source else reference
+    merged = None
+    if stage.tokenizer is not None:
+        jobs, merged = _merge_vocabulary(stage, models, slices, jobs, info, base_label, reference, planner.warnings)
+    tokenizer = merged.home if merged is not None else reference
     config = _output_config(models, reference, slices, jobs)
-    return MergePlan(stage, op, jobs, models, reference, tokenizer, config, [*resolver.warnings, *planner.warnings])
+    if merged is not None:
+        from gift_merge.vocab import set_vocab_size
+
+        set_vocab_size(config, merged.rows)
+    warnings = [*resolver.warnings, *planner.warnings]
+    return MergePlan(stage, op, jobs, models, reference, tokenizer, config, warnings, merged)
+
+
+def _merge_vocabulary(
+    stage: MergeStage, models: dict[str, ModelInfo], slices: list[_Slice], jobs: list[TensorJob], info: Any,
+    base: str | None, reference: str, warnings: list[str],
+) -> tuple[list[TensorJob], MergedVocabulary]:  # fmt: skip
+    """The merged vocabulary (:mod:`gift_merge.vocab`) and the jobs with their vocabulary tensors re-indexed.
+    The base tokenizer is the base model's, else the reference model's (mergekit takes an arbitrary model)."""
+    from gift_merge.vocab import plan_vocabulary, remap_jobs
+
+    spec = stage.tokenizer
+    assert spec is not None
+    home = info(spec.model).label if spec.model is not None else base or reference
+    inputs = [s.label for sl in slices for s in sl.sources]
+    for token, entry in spec.tokens.items():
+        model = entry.source.model if entry.source is not None else None
+        if model is not None and str(model) not in inputs:
+            raise GiftMergeError(f"tokenizer.tokens.{token}.source: {model} is not one of the merge's models")
+    merged, found = plan_vocabulary(spec, models, inputs, base or reference, home)
+    warnings += found
+
+    def base_of(job: TensorJob) -> str | None:  # a listed base counts for methods that ignore it, as in mergekit
+        labels = [s.model for s in job.sources]
+        return job.base.model if job.base is not None else (base if base in labels else None)
+
+    remapped = remap_jobs(jobs, merged, models, base_of, str, warnings)
+    return remapped, merged
 
 
 def _normalise_slices(stage: MergeStage, op: Operator, info: Any, base_label: str | None) -> list[_Slice]:
@@ -285,6 +325,8 @@ class _Planner:
             if other == shape:
                 continue
             same_cols = len(other) == len(shape) and other[1:] == shape[1:]
+            if is_vocab_tensor(out_name) and same_cols and self.stage.tokenizer is not None:
+                continue  # re-indexed to the merged vocabulary (:mod:`gift_merge.vocab`)
             if is_vocab_tensor(out_name) and same_cols and other[0] > shape[0]:
                 rows = shape[0]
                 self.warnings.append(
@@ -363,6 +405,8 @@ def describe_job(job: TensorJob) -> str:
         parts.append(f"{src.model}{renamed}({inner})" if inner else f"{src.model}{renamed}")
     if params:
         parts.append(f"[{params}]")
+    if job.row_map is not None:
+        parts.append("[rows re-indexed to the merged vocabulary]")
     parts.append(f"[{shape}] {dtype_name(job.out_dtype)}")
     return "  ".join(parts)
 

@@ -120,3 +120,51 @@ def assert_close(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype,
     assert not bad.any(), (
         f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (max {float((got - want).abs().max())})"
     )
+
+
+def arcee_fusion(theta: np.ndarray, base: np.ndarray, margin: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """(merged, ambiguous): θ_b + δ·[s ≥ τ] with s = |δ|·KL(softmax(θ)+1e-8 ‖ softmax(θ_b)+1e-8) per row of the
+    last dimension (a vector is one row), τ = Q_½ + 1.5·(Q_¾ − Q_¼), Q_f the ⌊f·(N − 1)⌋-th smallest s.
+    ``ambiguous`` marks entries whose s is within ``margin`` (relative) of τ, where a float32 run may differ.
+    """
+    width = base.shape[-1] if base.ndim >= 2 else base.size
+    t_rows, b_rows = theta.reshape(-1, width), base.reshape(-1, width)
+
+    def softmax(rows: np.ndarray) -> np.ndarray:
+        e = np.exp(rows - rows.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p, q = softmax(t_rows) + 1e-8, softmax(b_rows) + 1e-8
+    kl = np.array([sum(p[r, j] * math.log(p[r, j] / q[r, j]) for j in range(width)) for r in range(len(p))])
+    score = (np.abs(t_rows - b_rows) * kl[:, None]).reshape(-1)
+    ordered = np.sort(score)
+    n = score.size
+    q1, median, q3 = (ordered[math.floor(f * (n - 1))] for f in (0.25, 0.5, 0.75))
+    threshold = median + 1.5 * (q3 - q1)
+    keep = (score >= threshold).reshape(base.shape)
+    ambiguous = (np.abs(score - threshold) < margin * abs(threshold)).reshape(base.shape)  # none at τ = 0
+    return np.where(keep, theta, base), ambiguous
+
+
+def ram(
+    thetas: list[np.ndarray], base: np.ndarray, epsilon: float, r: float | None = None, alpha: float | None = None
+) -> np.ndarray:
+    """RAM (``r`` None) or RAM+ tensor-local, entry by entry: a change |δ_i| > ε made by one model alone is kept
+    (times λ_i = 1 + r·clip(S_i/max(U_i, ε), 0, α) for RAM+), one made by c > 1 models is divided by c."""
+    deltas = [(th - base).reshape(-1) for th in thetas]
+    n, size = len(deltas), base.size
+    active = [[abs(float(d[j])) > epsilon for j in range(size)] for d in deltas]
+    count = [sum(active[i][j] for i in range(n)) for j in range(size)]
+    scales = [1.0] * n
+    if r is not None and alpha is not None:
+        for i in range(n):
+            shared = sum(1 for j in range(size) if active[i][j] and count[j] > 1)
+            unique = sum(1 for j in range(size) if active[i][j] and count[j] == 1)
+            if unique:
+                scales[i] = 1 + r * min(max(shared / max(unique, epsilon), 0.0), alpha)
+    merged = np.zeros(size)
+    for j in range(size):
+        for i in range(n):
+            if active[i][j]:
+                merged[j] += deltas[i][j] * scales[i] if count[j] == 1 else deltas[i][j] / count[j]
+    return base + merged.reshape(base.shape)

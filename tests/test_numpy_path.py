@@ -127,6 +127,11 @@ RECIPES = {
     "  - {{model: {code}, parameters: {{weight: 0.5, density: 0.8, epsilon: 0.05}}}}\nparameters: {{rescale: false}}\n",
     "sce": "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {math}\n  - model: {code}\n  - model: {instruct}\n"
     "parameters: {{select_topk: 0.6}}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {math}\nout_dtype: bfloat16\n",
+    "ram": "merge_method: ram\nbase_model: {base}\nmodels:\n  - model: {math}\n  - model: {code}\n  - model: {instruct}\n"
+    "parameters: {{epsilon: 0.001}}\n",
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n  - model: {math}\n  - model: {code}\n"
+    "  - model: {instruct}\nparameters: {{epsilon: 0.0008, r: 0.5, alpha: 2.0}}\n",
     "nuslerp": "merge_method: nuslerp\nmodels:\n  - {{model: {math}, parameters: {{weight: 0.3}}}}\n"
     "  - {{model: {code}, parameters: {{weight: 0.9}}}}\nparameters: {{nuslerp_flatten: false}}\n",
     "nuslerp_columns": "merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - {{model: {math}, parameters: {{weight: 1}}}}\n"
@@ -135,6 +140,11 @@ RECIPES = {
     "  - {{model: {code}, parameters: {{weight: 0.5}}}}\n  - {{model: {instruct}, parameters: {{weight: 0.3}}}}\n",
     "karcher": "merge_method: karcher\nmodels:\n  - model: {math}\n  - model: {code}\n  - model: {instruct}\n"
     "parameters: {{max_iter: 5}}\n",
+    "tsv": "merge_method: tsv\nbase_model: {base}\nmodels:\n  - {{model: {math}, parameters: {{weight: 0.8}}}}\n"
+    "  - model: {code}\n  - model: {instruct}\nparameters: {{alpha: 1.2}}\nout_dtype: bfloat16\n",
+    "iso_c": "merge_method: iso_c\nbase_model: {base}\nmodels:\n  - model: {math}\n  - model: {code}\nparameters: {{alpha: 1.5}}\n",
+    "iso_cts": "merge_method: iso_cts\nbase_model: {base}\nmodels:\n  - model: {math}\n  - model: {code}\n  - model: {instruct}\n"
+    "parameters: {{common_space_fraction: 0.6}}\n",
     "passthrough": "merge_method: passthrough\nslices:\n  - sources: [{{model: {math}, layer_range: [0, 2]}}]\n"
     "  - sources: [{{model: {code}, layer_range: [1, 3], parameters: {{scale: [{{filter: o_proj, value: 0}}, "
     "{{value: 1.5}}]}}}}]\n",
@@ -235,7 +245,9 @@ def test_patches_relative_to_the_weight_write_the_torch_backends_bytes(
     assert_transfers_agree(tmp_path, families[VARIANTS[variant][0]]["instruct"], adapters[variant])
 
 
-@pytest.mark.parametrize("method", ["linear", "dare_ties", "model_stock", "della", "sce", "nuslerp", "karcher"])
+@pytest.mark.parametrize(
+    "method", ["linear", "dare_ties", "model_stock", "della", "sce", "nuslerp", "karcher", "tsv", "iso_c", "iso_cts"]
+)
 def test_a_merge_on_numpy_never_imports_torch(tmp_path: Path, llama: dict[str, Path], method: str) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPES[method].format(**llama))

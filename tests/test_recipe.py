@@ -6,6 +6,7 @@ import pytest
 
 from gift_merge.errors import GiftMergeError
 from gift_merge.recipe import ModelRef, parse_recipe
+from gift_merge.recipe.schema import TokenizerSpec
 from gift_merge.recipe.settings import Gradient
 
 TIES = """
@@ -166,10 +167,11 @@ def test_multi_document_reordered_and_cycles() -> None:
 
 def test_tokenizer_and_chat_template() -> None:
     base = "merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 1}}\nbase_model: a\n"
-    assert parse_recipe(base + "tokenizer_source: base\n").final.tokenizer_source == ModelRef("a")
-    assert parse_recipe(base + "tokenizer: {source: org/tok}\n").final.tokenizer_source == ModelRef("org/tok")
-    with pytest.raises(GiftMergeError, match="union"):
-        parse_recipe(base + "tokenizer_source: union\n")
+    assert parse_recipe(base + "tokenizer_source: base\n").final.tokenizer == TokenizerSpec("base")
+    assert parse_recipe(base + "tokenizer: {source: org/tok}\n").final.tokenizer == TokenizerSpec(
+        "model", ModelRef("org/tok")
+    )
+    assert parse_recipe(base + "tokenizer_source: union\n").final.tokenizer == TokenizerSpec("union")
     assert parse_recipe(base + "chat_template: chatml\n").final.chat_template == "chatml"
     with pytest.raises(GiftMergeError, match="chat_template"):
         parse_recipe(base + "chat_template: chatmll\n")

@@ -69,12 +69,24 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
 @click.option("--strict", is_flag=True, help="Fail (write nothing) when an input or output tensor holds NaN or ±inf.")
 @click.option("--hash-inputs", is_flag=True,
               help="Record each local input weight file's sha256 in the card (reads the inputs again).")  # fmt: skip
+@click.option("--part", "part_text", default=None, metavar="I/N",
+              help="Write only part I of N (0-based) of the output's shards into OUT.parts; the part that "
+                   "completes the set (or `gift-merge finalize OUT`) makes OUT. One stage per run (README: "
+                   "Scaling out).")  # fmt: skip
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: each stage's parts as Ray tasks (needs gift-merge[ray]).")  # fmt: skip
+@click.option(
+    "--address", default=None, help="With --executor ray: the cluster to join [default: RAY_ADDRESS or local]."
+)
+@click.option("--parts", "parts_count", type=int, default=None,
+              help="With --executor ray: parts per stage [default: one per output shard].")  # fmt: skip
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress bar or info messages (warnings stay).")
 @click.pass_context
 @handle_errors
 def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_shard_size: str, overwrite: bool,
         seed: int, workers: int | None, max_memory: str | None, intermediate_dir: Path | None, engine: str,
-        strict: bool, hash_inputs: bool, quiet_here: bool) -> None:  # fmt: skip
+        strict: bool, hash_inputs: bool, part_text: str | None, executor: str, address: str | None,
+        parts_count: int | None, quiet_here: bool) -> None:  # fmt: skip
     """Merge the models in RECIPE into OUT (or the recipe's `output:`)."""
     from gift_merge.engine.allocator import reuse_large_buffers
     from gift_merge.io.sizes import parse_size
@@ -86,6 +98,17 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
     quiet = quiet_here or ctx.obj["quiet"]
     if quiet_here:
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+    part = None
+    if part_text is not None:
+        from gift_merge.parts import parse_part
+
+        part = parse_part(part_text)
+        if executor != "local":
+            raise GiftMergeError("--part runs one part here; --executor ray runs every part itself: give one")
+    if executor == "local" and (address is not None or parts_count is not None):
+        raise GiftMergeError("--address and --parts go with --executor ray")
+    if parts_count is not None and parts_count < 1:
+        raise GiftMergeError(f"--parts {parts_count}: give at least 1")
     options = MergeOptions(
         device=check_device(device),
         seed=seed,
@@ -98,12 +121,40 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
         engine=engine,
         strict=strict,
         hash_inputs=hash_inputs,
+        part=part,
     )
     loaded = load_recipe(recipe)
-    destination = run_recipe(loaded, out, options)
+    if executor == "ray":
+        from gift_merge.ray_executor import run_on_ray
+
+        destination = run_on_ray(loaded, out, options, address=address, parts=parts_count)
+    elif part is not None:
+        from gift_merge.merge import resolve_output
+        from gift_merge.parts import run_part
+
+        outcome = run_part(loaded, resolve_output(loaded, out), options)
+        if not quiet:
+            click.echo(outcome.describe(part))
+        return
+    else:
+        destination = run_recipe(loaded, out, options)
     if not quiet and loaded.compare is None:
         what = "adapter" if isinstance(loaded.final, TrainStage) else "merged model"
         click.echo(f"{what} written to {destination}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+@handle_errors
+def finalize(out: Path, overwrite: bool) -> None:
+    """Make OUT from the parts in OUT.parts (`run --part`): check every shard, write the index, rename.
+
+    For a stage before the last, OUT is that stage's folder (OUT-stages/NAME by default).
+    """
+    from gift_merge.parts import finalize as finalize_parts
+
+    click.echo(f"finalized: {finalize_parts(out, overwrite=overwrite)}")
 
 
 @main.command()
@@ -116,11 +167,17 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, device: str, out_sha
 @click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True)
 @click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the arms' stages are built [default: OUT/stages].")  # fmt: skip
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: every arm, sweep point and seed built as Ray tasks (needs gift-merge[ray]); "
+                   "evaluation runs here.")  # fmt: skip
+@click.option(
+    "--address", default=None, help="With --executor ray: the cluster to join [default: RAY_ADDRESS or local]."
+)
 @click.option("--quiet", "-q", "quiet_here", is_flag=True, help="No progress or info messages (the table stays).")
 @click.pass_context
 @handle_errors
 def compare(ctx: click.Context, recipe: Path, out: Path | None, device: str, workers: int | None, engine: str,
-            intermediate_dir: Path | None, quiet_here: bool) -> None:  # fmt: skip
+            intermediate_dir: Path | None, executor: str, address: str | None, quiet_here: bool) -> None:  # fmt: skip
     """Build, evaluate and rank the arms of RECIPE's `compare:` document into OUT (or its `output:`).
 
     Writes results.md (the table, also printed), results.csv, results.json and PNG plots; arms' models go
@@ -136,7 +193,14 @@ def compare(ctx: click.Context, recipe: Path, out: Path | None, device: str, wor
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
     options = MergeOptions(device=check_device(device), workers=workers, intermediate_dir=intermediate_dir,
                            engine=engine, quiet=quiet_here or ctx.obj["quiet"])  # fmt: skip
-    run_recipe(loaded, out, options)
+    if executor == "ray":
+        from gift_merge.ray_executor import run_on_ray
+
+        run_on_ray(loaded, out, options, address=address)
+    elif address is not None:
+        raise GiftMergeError("--address goes with --executor ray")
+    else:
+        run_recipe(loaded, out, options)
 
 
 @main.command()

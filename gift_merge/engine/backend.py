@@ -75,6 +75,12 @@ class Backend:
     def sin(self, x: Any) -> Any:
         return np.sin(x)
 
+    def exp(self, x: Any) -> Any:
+        return np.exp(x)
+
+    def log(self, x: Any) -> Any:
+        return np.log(x)
+
     def astype(self, x: Any, dtype: Any) -> Any:
         """``x`` converted to ``dtype`` (a name such as ``"float64"``, or another array's dtype)."""
         return x.astype(dtype)
@@ -110,6 +116,10 @@ class Backend:
     def row_sums(self, x: Any) -> Any:
         """Sums along the last axis, keeping it: shape (..., 1)."""
         return np.add.reduce(x, axis=-1, keepdims=True)
+
+    def row_max(self, x: Any) -> Any:
+        """Maxima along the last axis, keeping it: shape (..., 1)."""
+        return np.max(x, axis=-1, keepdims=True)
 
     def count(self, mask: Any) -> int:
         """How many entries are non-zero."""
@@ -160,6 +170,25 @@ class Backend:
         keys.sort(axis=1)
         keys &= np.uint64(0xFFFFFFFF)  # the positions, in place: below 2³², so their int64 view is the same number
         return keys.view(np.int64)
+
+    # ----------------------------------------------------------------------------------- linear algebra
+    # Inputs are made C-contiguous first, so the BLAS/LAPACK call (and its bits) does not depend on how an
+    # operand happens to be laid out: the torch backend on the CPU hands its tensors' numpy views here.
+    def matmul(self, a: Any, b: Any) -> Any:
+        """The matrix product ``a @ b`` of two 2-D arrays."""
+        return np.matmul(np.ascontiguousarray(a), np.ascontiguousarray(b))
+
+    def svd(self, x: Any) -> tuple[Any, Any, Any]:
+        """The thin SVD of a 2-D array: ``U`` (m, r), ``S`` (r,) descending, ``Vh`` (r, n), r = min(m, n)."""
+        u, s, vh = np.linalg.svd(np.ascontiguousarray(x), full_matrices=False)
+        return u, s, vh
+
+    def qr(self, x: Any) -> Any:
+        """``Q`` of the reduced QR of a 2-D array: an orthonormal basis of its columns' span (m ≥ n)."""
+        return np.linalg.qr(np.ascontiguousarray(x), mode="reduced")[0]
+
+    def concat(self, arrays: list[Any], axis: int) -> Any:
+        return np.concatenate(arrays, axis=axis)
 
     # ----------------------------------------------------------------------------------- storage
     def widen(self, bits: Any, stored: DType, math: DType, load: DType | None) -> Any:
@@ -226,6 +255,12 @@ class TorchBackend(Backend):
     def sin(self, x: Any) -> Any:
         return torch.from_numpy(np.sin(x.numpy())) if self.on_cpu else torch.sin(x)
 
+    def exp(self, x: Any) -> Any:
+        return torch.from_numpy(np.exp(x.numpy())) if self.on_cpu else torch.exp(x)
+
+    def log(self, x: Any) -> Any:
+        return torch.from_numpy(np.log(x.numpy())) if self.on_cpu else torch.log(x)
+
     def astype(self, x: Any, dtype: Any) -> Any:
         return x.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
 
@@ -255,6 +290,9 @@ class TorchBackend(Backend):
 
     def row_sums(self, x: Any) -> Any:
         return torch.from_numpy(super().row_sums(x.numpy())) if self.on_cpu else x.sum(dim=-1, keepdim=True)
+
+    def row_max(self, x: Any) -> Any:
+        return torch.amax(x, dim=-1, keepdim=True)
 
     def count(self, mask: Any) -> int:
         return int(torch.count_nonzero(mask))
@@ -288,6 +326,22 @@ class TorchBackend(Backend):
         if self.on_cpu:  # numpy's is ~5× faster than torch.nonzero on the CPU
             return torch.from_numpy(np.flatnonzero(mask.numpy()))
         return torch.nonzero(mask).squeeze(1)
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        return torch.from_numpy(super().matmul(a.numpy(), b.numpy())) if self.on_cpu else a @ b
+
+    def svd(self, x: Any) -> tuple[Any, Any, Any]:
+        if self.on_cpu:  # LAPACK through numpy, as the numpy backend: the same bits
+            u, s, vh = super().svd(x.numpy())
+            return torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh)
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        return u, s, vh
+
+    def qr(self, x: Any) -> Any:
+        return torch.from_numpy(super().qr(x.numpy())) if self.on_cpu else torch.linalg.qr(x).Q
+
+    def concat(self, arrays: list[Any], axis: int) -> Any:
+        return torch.cat(arrays, dim=axis)
 
     def widen(self, bits: Any, stored: DType, math: DType, load: DType | None) -> Any:
         tensor = bits.to(self.device)

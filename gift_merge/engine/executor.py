@@ -26,6 +26,8 @@ from gift_merge.errors import GiftMergeError
 from gift_merge.io.finite import InputWatch
 from gift_merge.io.writer import OutputTensor, ShardedWriter
 from gift_merge.lazy import torch
+from gift_merge.operators import get_operator
+from gift_merge.operators.base import cut_bytes
 from gift_merge.plan import MergePlan, TensorJob
 from gift_merge.progress import progress
 
@@ -140,6 +142,23 @@ class _Engines:
         return _intra_op_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def _say_what_streams(plan: MergePlan, limit: int, memory_budget: int, workers: int) -> None:
+    """Log which cuts the memory budget makes stream (slower, the same bytes), so a slow merge says why."""
+    streamed = [
+        job
+        for job in plan.jobs
+        if not job.copy
+        and get_operator(job.operator).memory == "stream_cuts"
+        and cut_bytes(job.numel, len(job.inputs)) > limit
+    ]
+    if streamed:
+        log.info(
+            "memory budget %.2f GiB for %d workers: %d tensor(s) too large for cut buffers (%s …) stream their "
+            "cuts (the same bytes; --max-memory raises the budget)",
+            memory_budget / 2**30, workers, len(streamed), streamed[0].name,
+        )  # fmt: skip
+
+
 ENGINES = ("auto", "numpy", "torch")
 """``auto``: numpy on the CPU wherever it can read a job's tensors, torch for the rest; ``numpy``: all of
 it on numpy, without torch, or an error saying why not; ``torch``: the torch backend for every job."""
@@ -181,7 +200,10 @@ def execute_plan(
     """
     choose_engine(plan, device, engine)
     workers = workers or default_workers()
-    runner = _Engines(plan, device, seed, engine, watch, buffer_limit(memory_budget, workers))
+    limit = buffer_limit(memory_budget, workers)
+    if not quiet:
+        _say_what_streams(plan, limit, memory_budget, workers)
+    runner = _Engines(plan, device, seed, engine, watch, limit)
     writer = ShardedWriter(folder, [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs], max_shard_bytes)
     bar = progress(total=plan.output_bytes, unit="B", unit_scale=True, desc=label, quiet=quiet)
     pending: deque[tuple[TensorJob, Future[None]]] = deque()

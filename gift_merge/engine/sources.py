@@ -168,9 +168,15 @@ class JobInputs:
         tensor-sized buffers up to ``buffer_limit`` bytes."""
         op = get_operator(job.operator)
         by_rows = op.elementwise
+        if job.row_map is None:
+            sources: list[Any] = [self.source(s, job, by_rows=by_rows) for s in job.sources]
+        else:  # vocabulary rows re-indexed to a merged tokenizer's
+            from .remap import remapped_sources
+
+            sources = remapped_sources(self, job)
         return Operands(
-            sources=[self.source(s, job, by_rows=by_rows) for s in job.inputs],
-            base=self.source(job.base, job, by_rows=by_rows) if job.base is not None else None,
+            sources=sources[: len(job.inputs)],
+            base=sources[-1] if job.base is not None else None,
             shape=job.shape,
             backend=self.backend,
             out=Output(self.backend, job.numel, job.out_dtype, sink),

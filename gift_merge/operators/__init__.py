@@ -17,11 +17,13 @@ import difflib
 
 from gift_merge.errors import GiftMergeError
 
+from .arcee_fusion import ARCEE_FUSION
 from .base import REQUIRED, BaseRole, MergeInputs, Operator, Param, generator_for
 from .breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from .dare import DARE_LINEAR, DARE_TIES
 from .della import DELLA, DELLA_LINEAR
 from .gift import GIFT, LORA_TRANSFER
+from .iso import ISO_C, ISO_CTS
 from .karcher import KARCHER
 from .linear import LINEAR
 from .model_stock import MODEL_STOCK
@@ -29,10 +31,12 @@ from .multislerp import MULTISLERP
 from .nearswap import NEARSWAP
 from .nuslerp import NUSLERP
 from .passthrough import PASSTHROUGH
+from .ram import RAM, RAMPLUS_TL
 from .sce import SCE
 from .slerp import SLERP
 from .task_arithmetic import TASK_ARITHMETIC
 from .ties import TIES
+from .tsv import TSV
 
 __all__ = [
     "OPERATORS",
@@ -62,6 +66,12 @@ _ALL: tuple[Operator, ...] = (
     MODEL_STOCK,
     NEARSWAP,
     SCE,
+    ARCEE_FUSION,
+    RAM,
+    RAMPLUS_TL,
+    TSV,
+    ISO_C,
+    ISO_CTS,
     PASSTHROUGH,
     GIFT,
     LORA_TRANSFER,

@@ -19,7 +19,18 @@ from gift_merge.dtypes import parse_dtype
 from gift_merge.errors import GiftMergeError
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import Operator
-from gift_merge.recipe.schema import InputModel, MergeStage, ModelRef, Recipe, SliceSpec, Stage, TrainStage
+from gift_merge.recipe.schema import (
+    InputModel,
+    MergeStage,
+    ModelRef,
+    Recipe,
+    SliceSpec,
+    Stage,
+    TokenizerSpec,
+    TokenSource,
+    TokenSpec,
+    TrainStage,
+)
 from gift_merge.recipe.settings import Setting, compile_setting
 from gift_merge.suggest import did_you_mean
 from gift_merge.train.config import TrainConfig
@@ -227,7 +238,7 @@ def _parse_stage(doc: Any, where: str, text: str) -> MergeStage:
         parameters=_parse_parameters(doc.get("parameters"), op, f"{where}.parameters", per_model_only=False),
         dtype=doc.get("dtype"),
         out_dtype=doc.get("out_dtype"),
-        tokenizer_source=_parse_tokenizer(doc, base, where),
+        tokenizer=_parse_tokenizer(doc, base, where),
         chat_template=_parse_chat_template(doc.get("chat_template"), f"{where}.chat_template"),
         name=name,
         output=str(doc["output"]) if doc.get("output") is not None else None,
@@ -268,25 +279,83 @@ def _parse_slice(raw: Any, op: Operator, where: str) -> SliceSpec:
     )
 
 
-def _parse_tokenizer(doc: Mapping[str, Any], base: ModelRef | None, where: str) -> ModelRef | None:
-    if "tokenizer_source" in doc and "tokenizer" in doc:
+def _parse_tokenizer(doc: Mapping[str, Any], base: ModelRef | None, where: str) -> TokenizerSpec | None:
+    """``tokenizer_source: base | union | <model>`` or ``tokenizer: {source, tokens, pad_to_multiple_of}``."""
+    if doc.get("tokenizer_source") is not None and doc.get("tokenizer") is not None:
         raise GiftMergeError(f"{where}: give 'tokenizer_source' or 'tokenizer', not both")
-    if "tokenizer" in doc:
-        cfg = check_keys(doc["tokenizer"], ("source", "tokens", "pad_to_multiple_of"), f"{where}.tokenizer")
-        if cfg.get("tokens") or cfg.get("pad_to_multiple_of"):
-            raise GiftMergeError(f"{where}.tokenizer: 'tokens' and 'pad_to_multiple_of' are not supported yet")
-        source, key = cfg.get("source", "union"), f"{where}.tokenizer.source"
+    tokens: dict[str, TokenSpec] = {}
+    pad = None
+    if doc.get("tokenizer") is not None:
+        key = f"{where}.tokenizer"
+        cfg = check_keys(doc["tokenizer"], ("source", "tokens", "pad_to_multiple_of"), key)
+        raw_source = cfg.get("source", "union")
+        if cfg.get("tokens") is not None:
+            raw_tokens = cfg["tokens"]
+            if not isinstance(raw_tokens, dict):
+                raise GiftMergeError(f"{key}.tokens: expected a mapping of tokens to {{source, force}}")
+            tokens = {
+                _token_key(t, f"{key}.tokens"): _parse_token(v, f"{key}.tokens.{t}") for t, v in raw_tokens.items()
+            }
+        if cfg.get("pad_to_multiple_of") is not None:
+            pad = cfg["pad_to_multiple_of"]
+            if isinstance(pad, bool) or not isinstance(pad, int) or pad < 1:
+                raise GiftMergeError(f"{key}.pad_to_multiple_of: expected a whole number >= 1, got {pad!r}")
+        source_key = f"{key}.source"
     elif doc.get("tokenizer_source") is not None:
-        source, key = doc["tokenizer_source"], f"{where}.tokenizer_source"
+        raw_source, source_key = doc["tokenizer_source"], f"{where}.tokenizer_source"
     else:
         return None
-    if source == "union":
-        raise GiftMergeError(f"{key}: 'union' tokenizers are not supported yet; use 'base' or a model")
-    if source == "base":
-        if base is None:
-            raise GiftMergeError(f"{key}: 'base' needs a base_model")
-        return base
-    return _parse_model(source, key)
+    if raw_source in ("union", "base"):
+        if raw_source == "base" and base is None:
+            raise GiftMergeError(f"{source_key}: 'base' needs a base_model")
+        return TokenizerSpec(raw_source, None, tokens, pad)
+    return TokenizerSpec("model", _parse_model(raw_source, source_key), tokens, pad)
+
+
+def _token_key(token: Any, where: str) -> str:
+    if not isinstance(token, str) or not token:
+        raise GiftMergeError(f"{where}: {token!r} is not a token; quote it to make it a string")
+    return token
+
+
+_TOKEN_KINDS = ("model_token", "zero")
+
+
+def _parse_token(raw: Any, where: str) -> TokenSpec:
+    """One ``tokens`` entry: ``{source: <model> | {kind: model_token, model, token | token_id} | {kind: zero},
+    force: bool}``."""
+    raw = check_keys({} if raw is None else raw, ("source", "force"), where)
+    force = raw.get("force", False)
+    if not isinstance(force, bool):
+        raise GiftMergeError(f"{where}.force: expected true or false, got {force!r}")
+    source = _parse_token_source(raw.get("source"), f"{where}.source")
+    if force and source is None:
+        raise GiftMergeError(f"{where}.force: forcing a token's rows needs a 'source' to take them from")
+    return TokenSpec(source, force)
+
+
+def _parse_token_source(raw: Any, where: str) -> TokenSource | None:
+    if raw is None:
+        return None
+    if not (isinstance(raw, dict) and "kind" in raw):
+        return TokenSource("model", _parse_model(raw, where))
+    kind = raw["kind"]
+    if kind not in _TOKEN_KINDS:
+        hint = did_you_mean(str(kind), _TOKEN_KINDS) or f" (expected {' or '.join(_TOKEN_KINDS)})"
+        raise GiftMergeError(f"{where}.kind: unknown kind {kind!r}{hint}")
+    if kind == "zero":
+        check_keys(raw, ("kind",), where)
+        return TokenSource("zero")
+    check_keys(raw, ("kind", "model", "token", "token_id"), where)
+    model = _parse_model(raw.get("model"), f"{where}.model")
+    token, token_id = raw.get("token"), raw.get("token_id")
+    if (token is None) == (token_id is None):
+        raise GiftMergeError(f"{where}: give exactly one of 'token' and 'token_id'")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise GiftMergeError(f"{where}.token: expected a token string, got {token!r}")
+    if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
+        raise GiftMergeError(f"{where}.token_id: expected a row index >= 0, got {token_id!r}")
+    return TokenSource("model_token", model, token, token_id)
 
 
 def _parse_chat_template(raw: Any, where: str) -> str | None:
@@ -353,7 +422,7 @@ def stage_references(stage: Stage) -> list[ModelRef]:
     """Every model reference the stage reads: models, bases, tokenizer source, slices' sources."""
     if isinstance(stage, TrainStage):
         return [r for r in (stage.base, stage.instruct) if r is not None]
-    refs = [stage.base_model, stage.tokenizer_source]
+    refs = [stage.base_model, *(stage.tokenizer.references() if stage.tokenizer else ())]
     refs += [m.model for m in stage.models or ()]
     for sl in stage.slices or ():
         refs += [sl.base_model, *(s.model for s in sl.sources)]
@@ -372,7 +441,7 @@ def _relink(stage: Stage, link: Any) -> Stage:
     return replace(
         stage,
         base_model=link(stage.base_model),
-        tokenizer_source=link(stage.tokenizer_source),
+        tokenizer=_relink_tokenizer(stage.tokenizer, link),
         models=tuple(relink_input(m) for m in stage.models) if stage.models else None,
         slices=tuple(
             replace(sl, base_model=link(sl.base_model), sources=tuple(relink_input(s) for s in sl.sources))
@@ -381,3 +450,15 @@ def _relink(stage: Stage, link: Any) -> Stage:
         if stage.slices
         else None,
     )
+
+
+def _relink_tokenizer(spec: TokenizerSpec | None, link: Any) -> TokenizerSpec | None:
+    from dataclasses import replace
+
+    if spec is None:
+        return None
+    tokens = {
+        token: replace(t, source=replace(t.source, model=link(t.source.model))) if t.source is not None else t
+        for token, t in spec.tokens.items()
+    }
+    return replace(spec, model=link(spec.model), tokens=tokens)

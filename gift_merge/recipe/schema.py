@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from gift_merge.errors import GiftMergeError
 from gift_merge.recipe.settings import Setting
@@ -98,6 +98,44 @@ class SliceSpec:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where the rows of one token come from (mergekit's per-token ``source``): ``model``'s own row for the
+    token, ``model``'s row for another token (``model_token``: ``token`` or ``token_id``), or ``zero``."""
+
+    kind: Literal["model", "model_token", "zero"]
+    model: ModelRef | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """One entry of ``tokenizer.tokens``: the token joins the vocabulary; ``source`` says where its rows
+    come from for models that lack it (for every model with ``force``)."""
+
+    source: TokenSource | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """``tokenizer_source`` / ``tokenizer``: the merged vocabulary and how embedding rows follow it.
+
+    ``source`` is ``base`` (the base model's tokenizer), ``union`` (the base's, then every other model's
+    tokens it lacks) or ``model`` (``model``'s tokenizer)."""
+
+    source: Literal["base", "union", "model"]
+    model: ModelRef | None = None
+    tokens: Mapping[str, TokenSpec] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+    def references(self) -> list[ModelRef]:
+        """The models this section names: the tokenizer's model and the token sources' models."""
+        refs = [self.model] + [t.source.model for t in self.tokens.values() if t.source is not None]
+        return [r for r in refs if r is not None]
+
+
+@dataclass(frozen=True)
 class MergeStage:
     """One merge: a whole single-document recipe, or one document of a multi-document one."""
 
@@ -108,7 +146,7 @@ class MergeStage:
     parameters: Mapping[str, Setting] = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: ModelRef | None = None
+    tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
     name: str | None = None
     output: str | None = None

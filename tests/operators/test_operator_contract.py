@@ -37,9 +37,13 @@ EXPECTED_PARAMS: dict[str, dict[str, object]] = {
     "model_stock": {"filter_wise": False},
     "nearswap": {"t": REQUIRED},
     "sce": {"select_topk": 1.0, "int8_mask": False},
+    "arcee_fusion": {},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"epsilon": 1e-5, "r": 0.1, "alpha": 0.2},
     "passthrough": {"scale": 1.0},
 }
 PER_MODEL = {"weight", "density", "gamma", "epsilon", "scale"}
+GLOBAL_EPSILON = {"ram", "ramplus_tl"}  # their ε is one value per tensor, as in mergekit
 
 # (base role, min non-base models, max non-base models)
 EXPECTED_SHAPE: dict[str, tuple[str, int, int | None]] = {
@@ -52,6 +56,9 @@ EXPECTED_SHAPE: dict[str, tuple[str, int, int | None]] = {
     "nearswap": ("required", 1, 1),
     "model_stock": ("required", 2, None),
     "sce": ("required", 1, None),
+    "arcee_fusion": ("required", 1, 1),
+    "ram": ("required", 1, None),
+    "ramplus_tl": ("required", 1, None),
     "nuslerp": ("optional", 2, 2),
     "multislerp": ("optional", 1, None),
 }
@@ -69,6 +76,8 @@ BAD_VALUES: dict[str, list[float]] = {
     "eps": [0.0, -1.0],
     "max_iter": [-1],
     "tol": [-1e-3],
+    "r": [-0.1, math.inf],
+    "alpha": [-0.1, math.nan],
     "scale": [math.nan],
     "rescale": [True],  # only task_arithmetic checks it: it prunes nothing
 }
@@ -79,6 +88,9 @@ GOOD_EXTRA = {
     ("*", "density"): [1e-6, 0.5, 1.0],
     ("task_arithmetic", "density"): [1.0],
     ("task_arithmetic", "rescale"): [False],
+    **{(name, "epsilon"): [0.0, 1e-5, 2.0] for name in ("ram", "ramplus_tl")},
+    ("ramplus_tl", "r"): [0.0, 0.1, 3.0],
+    ("ramplus_tl", "alpha"): [0.0, 0.2, 10.0],
 }
 
 
@@ -98,7 +110,8 @@ def test_registry_lists_every_mergekit_method() -> None:
 def test_params_match_mergekit(name: str) -> None:
     op = OPERATORS[name]
     assert {p.name: p.default for p in op.params} == EXPECTED_PARAMS[name]
-    assert {p.name for p in op.model_params} == PER_MODEL & set(EXPECTED_PARAMS[name])
+    per_model = PER_MODEL - ({"epsilon"} if name in GLOBAL_EPSILON else set())
+    assert {p.name for p in op.model_params} == per_model & set(EXPECTED_PARAMS[name])
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -19,7 +19,7 @@ def test_get_operator_returns_the_table_entry() -> None:
 def test_unknown_name_suggests_the_closest() -> None:
     with pytest.raises(GiftMergeError, match=r"unknown merge method 'dare_tie'; did you mean 'dare_ties'\?"):
         get_operator("dare_tie")
-    with pytest.raises(GiftMergeError, match="known methods: breadcrumbs, "):
+    with pytest.raises(GiftMergeError, match="known methods: arcee_fusion, breadcrumbs, "):
         get_operator("zzzzzz")
 
 
@@ -89,3 +89,14 @@ def test_the_architecture_docs_example_method_runs() -> None:
     base, other = torch.randn(5, 7), torch.randn(5, 7)
     out = apply(midpoint, make_inputs(midpoint, [other], base))
     torch.testing.assert_close(out, base + (other - base) * 0.5, rtol=0, atol=0)
+
+
+def test_the_readme_lists_every_method_with_its_paper() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Merge methods") : readme.index("## Performance")]
+    for op in OPERATORS.values():
+        row = next((line for line in section.splitlines() if line.startswith(f"| `{op.name}` |")), None)
+        assert row is not None, op.name
+        assert (op.paper or "–") in row, op.name

@@ -3,6 +3,7 @@ find the same threshold and keep the same entries, so the merge writes the same 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ def test_streamed_cut_writes_the_buffered_bits(
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
 def test_a_small_memory_budget_streams_cuts_and_writes_the_same_shards(
-    tmp_path: Path, llama: dict[str, Path], method: str
+    tmp_path: Path, llama: dict[str, Path], method: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -100,8 +101,12 @@ def test_a_small_memory_budget_streams_cuts_and_writes_the_same_shards(
     )
     shards = {}
     for label, extra in (("default", []), ("streamed", ["--max-memory", "1KB"])):
-        result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), "-q", *extra])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gift_merge"):
+            result = CliRunner().invoke(main, ["run", str(recipe), str(tmp_path / label), *extra])
         assert result.exit_code == 0, result.output
+        said = any("stream their cuts" in record.getMessage() for record in caplog.records)
+        assert said == (label == "streamed")  # the run says why it is slower
         shards[label] = {p.name: p.read_bytes() for p in sorted((tmp_path / label).glob("*.safetensors"))}
     assert shards["default"] and shards["default"] == shards["streamed"]
 
