@@ -109,4 +109,5 @@ ARCEE_FUSION = Operator(
     max_models=1,
     summary="Take the other model's changes whose |δ|·KL importance reaches the median + 1.5·IQR fence.",
     paper="https://arcee.ai",
+    memory="cuts",
 )

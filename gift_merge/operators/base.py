@@ -34,7 +34,8 @@ BaseRole = Literal["required", "optional", "ignored"]
 Memory = Literal["slices", "stream_cuts", "cuts", "whole"]
 """What a method holds besides a few slices (the engine's working-set model): ``slices`` nothing more;
 ``stream_cuts`` a float32 |δ| buffer and a bool mask per model while they fit the job's buffer limit, else
-nothing more (the cut streams); ``cuts`` those buffers always; ``whole`` every input whole, in float32."""
+nothing more (the cut streams); ``cuts`` those buffers always (arcee_fusion's importance buffer); ``whole``
+every input whole, in float32."""
 
 
 @dataclass(frozen=True)
