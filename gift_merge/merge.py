@@ -29,7 +29,7 @@ from gift_merge.io import artifacts, origin
 from gift_merge.io.disk import check_room
 from gift_merge.io.finite import InputWatch, NonFinite
 from gift_merge.io.locks import output_lock
-from gift_merge.io.writer import atomic_output_folder, check_output_free
+from gift_merge.io.writer import ShardedWriter, atomic_output_folder, check_output_free
 from gift_merge.plan import MergePlan, plan_stage
 from gift_merge.recipe.loader import stage_dependencies
 from gift_merge.recipe.schema import Recipe, Stage, TrainStage
@@ -240,22 +240,38 @@ def _write_merge(
         log_estimate(plan, destination, options, label)
     watch = InputWatch(strict=options.strict)
     with atomic_output_folder(destination, overwrite=overwrite) as tmp:
-        writer = execute_plan(
-            plan,
-            tmp,
-            max_shard_bytes=options.max_shard_bytes,
-            device=options.device,
-            seed=options.seed,
-            quiet=options.quiet,
-            workers=options.workers,
-            label=label,
-            engine=options.engine,
-            watch=watch,
-            memory_budget=options.memory_budget,
-        )
+        writer = run_plan(plan, tmp, options, label=label, watch=watch)
         _report_nonfinite_inputs(watch.found)
         _report_nonfinite(writer.nonfinite, plan, strict=options.strict)
         write_artifacts(plan, tmp, options, full_recipe)
+
+
+def run_plan(
+    plan: MergePlan,
+    folder: Path,
+    options: MergeOptions,
+    *,
+    label: str,
+    watch: InputWatch,
+    max_shard_bytes: int | None = None,
+    workers: int | None = None,
+    quiet: bool | None = None,
+) -> ShardedWriter:
+    """:func:`~gift_merge.engine.executor.execute_plan` with this run's options (a whole stage, one part's
+    shard, or the estimate's probe, which override the shard size, workers or quiet)."""
+    return execute_plan(
+        plan,
+        folder,
+        max_shard_bytes=max_shard_bytes or options.max_shard_bytes,
+        device=options.device,
+        seed=options.seed,
+        quiet=options.quiet if quiet is None else quiet,
+        workers=workers or options.workers,
+        label=label,
+        engine=options.engine,
+        watch=watch,
+        memory_budget=options.memory_budget,
+    )
 
 
 def write_artifacts(plan: MergePlan, tmp: Path, options: MergeOptions, full_recipe: str | None) -> None:
@@ -298,17 +314,9 @@ def stage_runner(options: MergeOptions) -> RunJobs:
     """Runs jobs of a plan as :func:`_write_merge` does, for the time probe (:mod:`gift_merge.estimate`)."""
 
     def run_jobs(plan: MergePlan, folder: Path, workers: int) -> object:
-        return execute_plan(
-            plan,
-            folder,
-            max_shard_bytes=options.max_shard_bytes,
-            device=options.device,
-            seed=options.seed,
-            quiet=True,
-            workers=workers,
-            engine=options.engine,  # each job on the backend the merge gives it
-            watch=InputWatch(strict=False),
-            memory_budget=options.memory_budget,
+        # each job on the backend the merge gives it
+        return run_plan(
+            plan, folder, options, label="probe", watch=InputWatch(strict=False), workers=workers, quiet=True
         )
 
     return run_jobs

@@ -38,7 +38,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gift_merge.engine.executor import execute_plan
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.disk import check_room
 from gift_merge.io.finite import InputWatch
@@ -52,6 +51,7 @@ from gift_merge.merge import (
     _report_nonfinite,
     _report_nonfinite_inputs,
     plan_recipe,
+    run_plan,
     stage_folders,
     stage_is_current,
     stage_resolver,
@@ -393,19 +393,8 @@ def _write_shard(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        writer = execute_plan(
-            plan,
-            tmp,
-            max_shard_bytes=sys.maxsize,  # one file: this shard's group, laid out as the whole run lays it out
-            device=options.device,
-            seed=options.seed,
-            quiet=options.quiet,
-            workers=options.workers,
-            label=label,
-            engine=options.engine,
-            watch=watch,
-            memory_budget=options.memory_budget,
-        )
+        # one file: this shard's group, laid out as the whole run lays it out
+        writer = run_plan(plan, tmp, options, label=label, watch=watch, max_shard_bytes=sys.maxsize)
         _report_nonfinite(writer.nonfinite, plan, strict=options.strict)
         if (tmp / SINGLE_NAME).stat().st_size != shard.size:
             raise GiftMergeError(

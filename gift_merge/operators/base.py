@@ -8,6 +8,7 @@ operator never sees a recipe, a file or a layer index: only tensors and plain nu
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
@@ -168,10 +169,7 @@ class Operands(Generic[Array]):
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
     def chunks(self, size: int | None = None) -> Iterator[slice]:
         """Flat slices of ``size`` entries (:data:`CHUNK` unless given), in order."""
