@@ -22,6 +22,7 @@ import torch
 
 from gift_merge.errors import GiftMergeError
 from gift_merge.operators.base import seed_for
+from gift_merge.operators.subspaces import oversampling
 
 SvdMethod = Literal["auto", "full", "randomized"]
 
@@ -36,11 +37,6 @@ ENERGY_TOLERANCE = 1e-4
 
 RANDOMIZED_MAX_FRACTION = 0.5
 """``auto`` uses the randomized SVD only when rank + oversampling ≤ this fraction of min(m, n)."""
-
-
-def oversampling(rank: int) -> int:
-    """Extra sketch columns: more of them make power iterations converge faster on flat spectra."""
-    return max(10, rank // 2)
 
 
 @dataclass(frozen=True)

@@ -84,48 +84,49 @@ def _task_sum(operands: Operands[Any], base: Any) -> tuple[Any, bool]:
     return total, math.isfinite(frobenius(operands.backend, total))
 
 
-def iso_c_merge(operands: Operands[Any]) -> None:
+def _summed_svd(operands: Operands[Any], name: str) -> tuple[Any, Any, Any, Any, int] | None:
+    """What both methods start from: the base matrix, the SVD of Σ_i τ_i and its numerical rank; or None
+    when the tensor is already written (not a matrix: the mean task vector; non-finite: NaN)."""
     if operands.base is None:
-        raise ValueError("iso_c needs a base tensor")
-    backend, count = operands.backend, len(operands.sources)
-    alpha = float(operands.params["alpha"])
+        raise ValueError(f"{name} needs a base tensor")
+    backend = operands.backend
     if not is_matrix(operands.shape):
-        mean_task_vector_merge(operands, [1.0] * count, alpha)
-        return
+        mean_task_vector_merge(operands, [1.0] * len(operands.sources), float(operands.params["alpha"]))
+        return None
     base = operands.base.read(slice(0, operands.numel))
     total, finite = _task_sum(operands, base)
     if not finite:
         write_nonfinite(operands, base)
-        return
+        return None
     u, s, vh = backend.svd(total)
     floor = noise_floor(total, largest(backend, s))
-    del total
-    rank = rank_above(backend, s, floor)
+    return base, u, s, vh, rank_above(backend, s, floor)
+
+
+def _isotropic(operands: Operands[Any], base: Any, u: Any, s: Any, vh: Any, rank: int) -> None:
+    """θ_b + α·σ̄·U_r V_rᵀ over the top ``rank`` components (the base alone for rank 0)."""
+    alpha = float(operands.params["alpha"])
     if rank == 0:
         write_matrix_merge(operands, base, None, alpha)
         return
-    mean = host_sum(backend, s[:rank]) / rank
-    write_matrix_merge(operands, base, backend.matmul(u[:, :rank], vh[:rank]), alpha * mean)
+    mean = host_sum(operands.backend, s[:rank]) / rank
+    write_matrix_merge(operands, base, operands.backend.matmul(u[:, :rank], vh[:rank]), alpha * mean)
+
+
+def iso_c_merge(operands: Operands[Any]) -> None:
+    found = _summed_svd(operands, "iso_c")
+    if found is not None:
+        _isotropic(operands, *found)
 
 
 def iso_cts_merge(operands: Operands[Any]) -> None:
-    if operands.base is None:
-        raise ValueError("iso_cts needs a base tensor")
+    found = _summed_svd(operands, "iso_cts")
+    if found is None:
+        return
+    base, u, s, vh, rank = found
     backend, count = operands.backend, len(operands.sources)
-    alpha = float(operands.params["alpha"])
-    if not is_matrix(operands.shape):
-        mean_task_vector_merge(operands, [1.0] * count, alpha)
-        return
     common, specific = subspace_sizes(min(operands.shape), count, float(operands.params["common_space_fraction"]))
-    base = operands.base.read(slice(0, operands.numel))
-    total, finite = _task_sum(operands, base)
-    if not finite:
-        write_nonfinite(operands, base)
-        return
-    u, s, vh = backend.svd(total)
-    floor = noise_floor(total, largest(backend, s))
-    del total
-    common = min(common, rank_above(backend, s, floor))
+    common = min(common, rank)
     u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
     triplets = []
     if specific > 0:
@@ -137,16 +138,12 @@ def iso_cts_merge(operands: Operands[Any]) -> None:
             triplets.append(truncated_svd(backend, tau, specific, generator, task_floor))
             del tau
     if not any(t[1].shape[0] for t in triplets):  # no task-specific directions: Iso-C over the common ones
-        if common == 0:
-            write_matrix_merge(operands, base, None, alpha)
-            return
-        mean = host_sum(backend, s_c) / common
-        write_matrix_merge(operands, base, backend.matmul(u_c, vh_c), alpha * mean)
+        _isotropic(operands, base, u, s, vh, common)
         return
     u, s, vh = concat_triplets(backend, [*triplets, (u_c, s_c, vh_c)])
     mean = host_sum(backend, s) / s.shape[0]
     delta = backend.matmul(partial_isometry(backend, u), partial_isometry(backend, vh))
-    write_matrix_merge(operands, base, delta, alpha * mean)
+    write_matrix_merge(operands, base, delta, float(operands.params["alpha"]) * mean)
 
 
 ISO_C = Operator(
