@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,6 @@ from gift_merge.engine.selection import HISTOGRAM_BINS, streamed_kth_largest
 from .base import Operands, Param, Source
 from .checks import DENSITY, INT8_MASK, WEIGHT, finite
 from .consensus import consensus_sum
-from .reductions import REDUCE_BLOCK
 from .rescale import streamed_l1_factor
 
 if TYPE_CHECKING:
@@ -146,13 +145,6 @@ def magnitudes(operands: Operands[Any], source: Source[Any]) -> Any:
     return magnitude
 
 
-def magnitude_slices(operands: Operands[Any], source: Source[Any], size: int | None = None) -> Iterator[Any]:
-    """|δ| of one input a slice at a time, in index order (:data:`~.reductions.REDUCE_BLOCK` unless given)."""
-    assert operands.base is not None
-    for part in operands.chunks(size or REDUCE_BLOCK):
-        yield operands.backend.abs(source.read(part) - operands.base.read(part))
-
-
 def buffered(operands: Operands[Any], source: Source[Any]) -> bool:
     """Whether a cut decides on a |δ| buffer (it fits :attr:`~.base.Operands.buffer_limit`, or the values are
     float64, which the radix passes do not read) rather than by streaming (:func:`streamed_threshold`)."""
@@ -163,12 +155,13 @@ def streamed_threshold(operands: Operands[Any], source: Source[Any], k: int) -> 
     """The k-th largest float32 |δ| of one input and how many exceed it (1 ≤ k ≤ N), without a |δ| buffer:
     radix passes over |δ| formed again slice by slice
     (:func:`~gift_merge.engine.selection.streamed_kth_largest`); the same answer as on a buffer."""
-    backend = operands.backend
+    assert operands.base is not None
+    backend, base = operands.backend, operands.base
 
     def histogram(high: int | None) -> np.ndarray:
         counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
-        for magnitude in magnitude_slices(operands, source, HISTOGRAM_SLICE):
-            counts += backend.bit_histogram(magnitude, high)
+        for part in operands.chunks(HISTOGRAM_SLICE):
+            counts += backend.bit_histogram(backend.abs(source.read(part) - base.read(part)), high)
         return counts
 
     return streamed_kth_largest(histogram, k)
