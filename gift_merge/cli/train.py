@@ -26,6 +26,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _scalar(hint: Any) -> Any:
+    """``int`` for ``int | None``: an optional number is still parsed as a number on the command line."""
+    args = typing.get_args(hint)
+    rest = [a for a in args if a is not type(None)]
+    return rest[0] if type(None) in args and len(rest) == 1 else hint
+
+
 def _config_options(cls: type[_Config]) -> Callable[[F], F]:
     """Add one click option per config field, in field order."""
     hints = typing.get_type_hints(cls)
@@ -42,7 +49,7 @@ def _config_options(cls: type[_Config]) -> Callable[[F], F]:
             if hint is bool:
                 func = click.option(_flag(name), *aliases, name, is_flag=True, default=False, help=text)(func)
                 continue
-            kind = {int: click.INT, float: click.FLOAT}.get(hint, click.STRING)
+            kind = {int: click.INT, float: click.FLOAT}.get(_scalar(hint), click.STRING)
             meta = metavar(cls, name)
             func = click.option(_flag(name), *aliases, name, type=kind, default=None, help=text, metavar=meta)(func)
         return func
@@ -68,14 +75,27 @@ def annotate(ctx: click.Context, **params: Any) -> None:
     """Score every response token with the instruct model: q_t = p(y_t | x, y_<t).
 
     Writes the input rows plus "scores": [[q, q], …] (the GIFT authors' format), one entry per response
-    token. A rerun continues an interrupted one.
+    token. A rerun continues an interrupted one. Under torchrun each process scores a share of the
+    batches and rank 0 writes OUT; --num-shards N --shard I splits the work over separate jobs.
     """
+    import torch
+
+    from gift_merge.train import distributed
     from gift_merge.train.annotation import annotate as annotate_rows
 
-    quiet = _quiet(ctx)
-    out = annotate_rows(AnnotateConfig.from_mapping(_explicit(ctx, params)), quiet=quiet)
-    if not quiet:
-        click.echo(f"annotated data written to {out}", err=True)
+    config = AnnotateConfig.from_mapping(_explicit(ctx, params))
+    ranks = distributed.setup(use_cuda=torch.cuda.is_available() and not config.device.startswith("cpu"))
+    try:
+        quiet = _quiet(ctx) or not ranks.is_main
+        written = annotate_rows(config, quiet=quiet, ranks=ranks)
+    finally:
+        distributed.teardown(ranks)
+    if quiet:
+        return
+    if written == Path(config.out):
+        click.echo(f"annotated data written to {written}", err=True)
+    else:
+        click.echo(f"shard written to {written}; {config.out} appears when every shard is done", err=True)
 
 
 @click.command("train")

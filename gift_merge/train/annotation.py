@@ -10,7 +10,9 @@ as ``"scores": [[q, q], …]``), computed faster:
   ``exp(logit[y] − logsumexp(logits))`` in fp32 — never a full softmax over the vocabulary for the
   whole batch (the authors take it in bf16, which also rounds q to 3 significant digits);
 - output lines follow input order and are flushed window by window into ``OUT.partial``, which a rerun
-  continues from; ``OUT`` appears only when every row is done.
+  continues from; ``OUT`` appears only when every row is done;
+- shards (``--num-shards``, or the processes of torchrun) score whole batches of the single run, so the
+  joined ``OUT`` holds the same bytes (:mod:`gift_merge.train.annotation_shards`).
 """
 
 from __future__ import annotations
@@ -18,16 +20,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import nn
 
 from gift_merge.errors import GiftMergeError
 from gift_merge.progress import progress
+from gift_merge.train import distributed
+from gift_merge.train.annotation_shards import (
+    Layout,
+    Rows,
+    combine,
+    missing_shards,
+    settings_path,
+    shard_path,
+    write_atomically,
+)
 from gift_merge.train.config import AnnotateConfig
-from gift_merge.train.data import Example, PromptBuilder, annotation_span, encode_pairs, read_jsonl
+from gift_merge.train.data import PromptBuilder, annotation_span, encode_pairs, read_jsonl
+from gift_merge.train.distributed import Ranks
 from gift_merge.train.loss import chunk_rows
 from gift_merge.train.model import (
     Split,
@@ -42,80 +56,156 @@ from gift_merge.train.model import (
 
 log = logging.getLogger(__name__)
 
-WINDOW_BATCHES = 32
-"""Rows are length-sorted within windows of this many batches: long enough to pad little, short
-enough that a killed run loses little and output can stay in input order."""
 
-
-def annotate(config: AnnotateConfig, *, quiet: bool = False) -> Path:
-    """Write ``config.out``: every input row plus ``"scores"``. Returns the output path.
+def annotate(config: AnnotateConfig, *, quiet: bool = False, ranks: Ranks | None = None) -> Path:
+    """Write ``config.out``: every input row plus ``"scores"``. Returns the path written.
 
     Resumable: rows already in ``OUT.partial`` (or in an incomplete ``OUT``) are checked against the
     input and skipped. An ``OUT`` that already holds every row is left as it is.
+
+    With ``config.shard`` of ``config.num_shards``, only that shard's rows are scored, into
+    ``OUT.shard-I-of-N`` (resumable the same way), and the shard that completes the set joins them into
+    ``OUT``; ``config.combine`` only joins. Under torchrun (``ranks`` of more than one process) each
+    process scores the shard of its rank and rank 0 joins them. Either way ``OUT`` holds the bytes one
+    process writes (see :mod:`gift_merge.train.annotation_shards`).
     """
+    ranks = ranks or Ranks()
+    if ranks.distributed and (config.num_shards > 1 or config.combine):
+        flag = "--combine" if config.combine else "--num-shards"
+        raise GiftMergeError(f"{flag}: not under torchrun, which splits the rows over its {ranks.world} processes")
+    num_shards, shard = (ranks.world, ranks.rank) if ranks.distributed else (config.num_shards, config.shard or 0)
     rows = read_jsonl(config.data)
     out = Path(config.out)
-    partial = out.with_name(out.name + ".partial")
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
     tokenizer, folder = load_tokenizer(config.instruct)
     builder = PromptBuilder(config.template, tokenizer, config.instruct)
     examples = [builder.example(line, row, config.data) for line, row in rows]  # fail before loading
+    spans = [annotation_span(ids, plen, config.max_length) for ids, plen in encode_pairs(tokenizer, examples)]
+    lengths = [len(ids) for ids, _ in spans]
+    layout = Layout.of(lengths, [len(ids) - 1 > start for ids, start in spans], config.batch_size, num_shards)
+    inputs = _Inputs(rows, spans, layout, folder, pad_id(tokenizer))
     settings = {"instruct": str(folder), "prompt": builder.describe(), "max_length": config.max_length}
-
-    done = _resume(out, partial, rows, settings)
-    if done == len(rows) and out.exists():
-        log.info("%s: already holds all %d rows", out, done)
+    local_rank = ranks.local_rank if ranks.distributed else None
+    if num_shards == 1:
+        _score_shard(config, inputs, out, 0, settings, local_rank=local_rank, quiet=quiet)
         return out
-    model = load_model(folder, dtype, device, quiet=quiet).eval()
-    split = split_head(model)
-    pad = pad_id(tokenizer)
-    window = config.batch_size * WINDOW_BATCHES
-    empty = 0
-    with (
-        partial.open("a", encoding="utf-8") as handle,
-        progress(total=len(rows), initial=done, unit="row", desc="annotate", quiet=quiet) as bar,
-    ):
-        for start in range(done, len(rows), window):
-            chunk = examples[start : start + window]
-            scores = score_examples(model, split, tokenizer, chunk, config.max_length, config.batch_size, pad, bar)
-            for (_, row), probs in zip(rows[start : start + window], scores, strict=True):
-                empty += not probs
-                handle.write(json.dumps({**row, "scores": [[q, q] for q in probs]}, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    if empty:
-        log.warning("%d row(s) have no response tokens left after truncation to %d", empty, config.max_length - 1)
-    partial.rename(out)
-    _settings_path(partial).unlink(missing_ok=True)
-    return out
+
+    settings |= {"batch_size": config.batch_size, "num_shards": num_shards}
+    if _holds_all(out, rows):
+        log.info("%s: already holds all %d rows", out, len(rows))
+        return out
+    if config.combine:
+        return combine(out, rows, layout, settings)
+    target = shard_path(out, shard, num_shards)
+    _score_shard(config, inputs, target, shard, settings, local_rank=local_rank, quiet=quiet)
+    if ranks.distributed:
+        distributed.barrier(ranks)
+        if ranks.is_main:
+            combine(out, rows, layout, settings)
+        distributed.barrier(ranks)  # every process returns once OUT exists
+        return out
+    if _holds_all(out, rows):  # another shard completed the set meanwhile and joined them
+        return out
+    missing = missing_shards(out, num_shards)
+    if missing:
+        log.info("%s written; %s appears when shard(s) %s are done", target, out, ", ".join(map(str, missing)))
+        return target
+    try:
+        return combine(out, rows, layout, settings)  # this shard completed the set
+    except (GiftMergeError, FileNotFoundError):
+        if _holds_all(out, rows):  # a shard finishing at the same time joined them first, and deleted them
+            return out
+        raise
 
 
-def score_examples(
-    model: nn.Module,
-    split: Split,
-    tokenizer: Any,
-    examples: list[Example],
-    max_length: int,
-    batch_size: int,
-    pad: int,
-    bar: Any = None,
-) -> list[list[float]]:
-    """The scores of ``examples``, in their order, computed in length-sorted padded batches."""
-    spans = [annotation_span(ids, plen, max_length) for ids, plen in encode_pairs(tokenizer, examples)]
-    results: list[list[float]] = [[] for _ in spans]
-    scored = [k for k, (ids, start) in enumerate(spans) if len(ids) - 1 > start]
-    order = sorted(scored, key=lambda k: len(spans[k][0]), reverse=True)
+def _holds_all(out: Path, rows: Rows) -> bool:
+    return out.exists() and _count_matching(out, rows, cut_torn=False) == len(rows)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What every shard of a run shares: the input rows, their token spans, the layout and the model."""
+
+    rows: Rows
+    spans: list[tuple[list[int], int]]  # (ids, first scored position) per row
+    layout: Layout
+    folder: Path
+    pad: int
+
+
+def _score_shard(
+    config: AnnotateConfig,
+    inputs: _Inputs,
+    target: Path,
+    shard: int,
+    settings: dict[str, Any],
+    *,
+    local_rank: int | None,
+    quiet: bool,
+) -> None:
+    """Score ``shard``'s rows of the layout into ``target`` (through ``target.partial``).
+
+    Sharded runs (``settings`` with ``num_shards``) also record their settings, dtype and device
+    included, in ``target.json`` for :func:`combine` to check.
+    """
+    sharded = "num_shards" in settings
+    rows, layout = inputs.rows, inputs.layout
+    mine = [k for w in range(len(layout.windows)) for k in layout.rows_of(shard, w)]
+    partial = target.with_name(target.name + ".partial")
+    device = resolve_device(config.device, local_rank)
+    dtype = resolve_dtype(config.dtype, device)
+    if sharded:
+        settings = {**settings, "dtype": str(dtype).removeprefix("torch."), "device": device.type}
+        if target.exists():
+            _check_settings(settings_path(target), settings)
+    done = _resume(target, partial, [rows[k] for k in mine], settings)
+    if done == len(mine) and target.exists():
+        log.info("%s: already holds all %d rows", target, done)
+        if sharded and not settings_path(target).exists():
+            write_atomically(settings_path(target), json.dumps(settings) + "\n")
+        return
+    if done < len(mine):
+        model = load_model(inputs.folder, dtype, device, quiet=quiet).eval()
+        with (
+            partial.open("a", encoding="utf-8") as handle,
+            progress(total=len(mine), initial=done, unit="row", desc="annotate", quiet=quiet) as bar,
+        ):
+            empty = _write_windows(model, split_head(model), inputs, shard, done, handle, bar)
+        if empty:
+            log.warning("%d row(s) have no response tokens left after truncation to %d", empty, config.max_length - 1)
+    partial.touch()  # a shard can own no rows
+    if sharded:  # before the rename: a shard file never lacks its settings
+        write_atomically(settings_path(target), json.dumps(settings) + "\n")
+    partial.rename(target)
+    settings_path(partial).unlink(missing_ok=True)
+
+
+def _write_windows(
+    model: nn.Module, split: Split, inputs: _Inputs, shard: int, done: int, handle: TextIO, bar: Any
+) -> int:
+    """Append ``shard``'s output lines after its first ``done`` ones, a window at a time; the empty rows."""
     device = next(model.parameters()).device
-    for b in range(0, len(order), batch_size):
-        batch = order[b : b + batch_size]
-        for k, probs in zip(batch, score_batch(model, split, [spans[k] for k in batch], pad, device), strict=True):
-            results[k] = probs
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.update(len(spans) - len(scored))
-    return results
+    layout, rows = inputs.layout, inputs.rows
+    empty = 0
+    position = 0  # rows of this shard in the windows before the current one
+    for w in range(len(layout.windows)):
+        own = layout.rows_of(shard, w)
+        skip, position = max(done - position, 0), position + len(own)
+        if skip >= len(own):
+            continue
+        written = set(own[:skip])  # a resumed window is scored whole: the same batches, the same bits
+        scores: dict[int, list[float]] = {}
+        for batch in layout.batches_of(shard, w):
+            batch_scores = score_batch(model, split, [inputs.spans[k] for k in batch], inputs.pad, device)
+            scores.update(zip(batch, batch_scores, strict=True))
+            bar.update(sum(k not in written for k in batch))
+        for k in own[skip:]:
+            probs = scores.get(k, [])
+            empty += not probs
+            handle.write(json.dumps({**rows[k][1], "scores": [[q, q] for q in probs]}, ensure_ascii=False) + "\n")
+        bar.update(sum(k not in scores for k in own[skip:]))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return empty
 
 
 @torch.inference_mode()
@@ -154,35 +244,39 @@ def label_probabilities(hidden: torch.Tensor, head: nn.Module, labels: torch.Ten
     return out
 
 
-def _settings_path(partial: Path) -> Path:
-    return partial.with_name(partial.name + ".json")
-
-
-def _resume(out: Path, partial: Path, rows: list[tuple[int, dict[str, Any]]], settings: dict[str, Any]) -> int:
+def _resume(out: Path, partial: Path, rows: Rows, settings: dict[str, Any]) -> int:
     """How many rows are already annotated; leaves the work file ``partial`` holding exactly those."""
     if out.exists() and not partial.exists():
         done = _count_matching(out, rows)
         if done == len(rows):
             return done
         out.rename(partial)  # an incomplete OUT (another tool, an older run): continue it
-    settings_file = _settings_path(partial)
-    if partial.exists() and settings_file.exists():
-        previous = json.loads(settings_file.read_text())
-        if previous != settings:
-            changed = next(k for k in settings if previous.get(k) != settings[k])
-            raise GiftMergeError(
-                f"{partial}: was started with another {changed} ({previous.get(changed)!r}); delete it to restart"
-            )
+    settings_file = settings_path(partial)
+    if partial.exists():
+        _check_settings(settings_file, settings)
     partial.parent.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings) + "\n")
     return _count_matching(partial, rows) if partial.exists() else 0
 
 
-def _count_matching(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> int:
-    """Complete lines of ``path`` that match the input rows; a torn last line is cut off."""
+def _check_settings(settings_file: Path, settings: dict[str, Any]) -> None:
+    """Refuse to continue or reuse a file (named ``settings_file`` minus ``.json``) made with other settings."""
+    if not settings_file.exists():
+        return
+    previous = json.loads(settings_file.read_text())
+    if previous != settings:
+        changed = next(k for k in settings if previous.get(k) != settings[k])
+        made = settings_file.with_name(settings_file.name.removesuffix(".json"))
+        raise GiftMergeError(
+            f"{made}: was started with another {changed} ({previous.get(changed)!r}); delete it to restart"
+        )
+
+
+def _count_matching(path: Path, rows: Rows, *, cut_torn: bool = True) -> int:
+    """Complete lines of ``path`` that match the input rows; with ``cut_torn``, a torn last line is cut off."""
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
-    if keep != len(data):
+    if keep != len(data) and cut_torn:
         with path.open("r+b") as handle:
             handle.truncate(keep)
     lines = data[:keep].decode("utf-8").splitlines()

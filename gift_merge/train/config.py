@@ -154,6 +154,19 @@ def _check_prompt(template: str | None, preset: str | None) -> None:
             raise _FieldError("prompt_preset", "give one of the two (a preset is a prompt template)", "prompt_template")
 
 
+def _check_shards(num_shards: int, shard: int | None, combine: bool) -> None:
+    """One shard of N, or the join of all N; N = 1 is a plain run."""
+    _positive("num_shards", num_shards)
+    if shard is not None and not 0 <= shard < num_shards:
+        raise _FieldError("shard", f"must be one of 0 … {num_shards - 1} for --num-shards {num_shards}, got {shard}")
+    if combine and shard is not None:
+        raise _FieldError("combine", "join the shards once each is done", "shard")
+    if combine and num_shards == 1:
+        raise _FieldError("combine", "give the number of shards to join (--num-shards N)")
+    if num_shards > 1 and shard is None and not combine:
+        raise _FieldError("num_shards", f"give --shard I (0 … {num_shards - 1}) to score one shard, or --combine")
+
+
 def _prompt_template(template: str | None, preset: str | None) -> str | None:
     return PROMPT_PRESETS[preset] if preset is not None else template
 
@@ -184,9 +197,22 @@ class AnnotateConfig(_Config):
     )
     prompt_preset: str | None = _opt(None, _PRESET_HELP, metavar="NAME")
     max_length: int = _opt(2048, "Truncate prompt+response to max_length − 1 tokens, as the authors do.")
-    batch_size: int = _opt(16, "Sequences per forward pass (length-sorted; scores do not depend on it).")
+    batch_size: int = _opt(16, "Sequences per forward pass (length-sorted; scores differ only in float rounding).")
     device: str = _opt("auto", "cpu, cuda, cuda:1 … [auto: cuda when available].")
     dtype: str = _opt("auto", "Model dtype: float32, bfloat16, float16 [auto: bfloat16 on GPU, else float32].")
+    num_shards: int = _opt(
+        1,
+        "Split the rows into N shards, whole batches of a single run each, for N jobs: give --shard I or "
+        "--combine with it.",
+        metavar="N",
+    )
+    shard: int | None = _opt(
+        None,
+        "Score only shard I (0 … N−1) into OUT.shard-I-of-N; the shard that completes the set joins them "
+        "into OUT, the bytes a single run writes.",
+        metavar="I",
+    )
+    combine: bool = _opt(False, "Only join the finished OUT.shard-I-of-N files into OUT (needs --num-shards).")
 
     def _check(self) -> None:
         if self.max_length < 2:
@@ -194,6 +220,7 @@ class AnnotateConfig(_Config):
         _positive("batch_size", self.batch_size)
         _choice("dtype", self.dtype, DTYPES)
         _check_prompt(self.prompt_template, self.prompt_preset)
+        _check_shards(self.num_shards, self.shard, self.combine)
 
     @property
     def template(self) -> str | None:
@@ -253,6 +280,12 @@ class TrainConfig(_Config):
     device: str = _opt("auto", "cpu, cuda, cuda:1 … [auto: cuda when available; torchrun: cuda:LOCAL_RANK].")
     dtype: str = _opt("auto", "Base weights' dtype [auto: bfloat16 on GPU, else float32]; LoRA is float32.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    fsdp: bool = _opt(
+        False,
+        "Under torchrun or accelerate launch, shard the base model, LoRA and optimizer state over the processes "
+        "(FSDP, one decoder layer gathered at a time), for models that do not fit one GPU [default: DDP, a "
+        "whole copy per process]. A single process trains unsharded.",
+    )
     save_steps: int = _opt(100, "Checkpoint every N optimizer steps into OUT.checkpoints (0: never).")
     resume: str | None = _opt(None, "Checkpoint folder (or OUT.checkpoints) to continue from.")
     overwrite: bool = _opt(False, "Replace a non-empty output folder.")

@@ -4,8 +4,9 @@ A plain PyTorch loop (peft injects LoRA; no ``Trainer`` subclass). Per micro-bat
 weighted mean L = Σ w_t ℓ_t / Σ w_t over response tokens (:mod:`gift_merge.train.weights` has the
 weights, :mod:`gift_merge.train.loss` the chunked head); an optimizer step's gradient is the mean of its
 micro-batch losses over all micro-batches of all ranks (the authors summed them, see ``loss.py``).
-Under ``torchrun`` the model is wrapped in DistributedDataParallel and each rank takes its share of
-every step's micro-batches, so the result matches one process with the same global batch.
+Under ``torchrun`` the model is wrapped in DistributedDataParallel (or, with ``fsdp``, sharded layer by
+layer with FSDP2, :mod:`gift_merge.train.sharding`) and each rank takes its share of every step's
+micro-batches, so the result matches one process with the same global batch.
 
 Everything random is seeded: LoRA's init by ``seed``, the data order by (seed, epoch), each micro-batch's
 dropout by (seed, micro-batch index). That makes ``--resume`` exact and data parallelism equivalent to
@@ -14,7 +15,6 @@ accumulation, and lets a test compare adapters bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -35,7 +35,7 @@ from transformers import get_linear_schedule_with_warmup
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.writer import check_output_free
 from gift_merge.progress import progress
-from gift_merge.train import distributed
+from gift_merge.train import distributed, sharding
 from gift_merge.train.checkpoint import load_checkpoint, save_checkpoint
 from gift_merge.train.config import TrainConfig
 from gift_merge.train.dataset import TrainingSet, load_training_set
@@ -129,7 +129,11 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
             f"micro-batches, fewer than one step of {schedule.per_step} (grad_accum × devices); without the flag "
             "they train one short step, as transformers does"
         )
-    model = load_model(base_folder, dtype, device, quiet=quiet)
+    fsdp = config.fsdp and ranks.distributed
+    if config.fsdp and not ranks.distributed:
+        log.warning("--fsdp: a single process has nothing to shard with; training unsharded")
+    # FSDP moves each layer to the device as it shards it, so the whole model need never fit there
+    model = load_model(base_folder, dtype, torch.device("cpu") if fsdp else device, quiet=quiet)
     split = split_head(model)
     targets, conv1d = lora_targets(model, config.targets)
     if config.gradient_checkpointing:
@@ -148,7 +152,9 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, lora)
     module: nn.Module = CausalLMLoss(peft_model, split)
-    if ranks.distributed:
+    if fsdp:
+        module = sharding.shard(module, sharding.layer_classes(model), device, ranks.world)
+    elif ranks.distributed:
         module = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -165,8 +171,8 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
         state = load_checkpoint(config.resume, fingerprint, device)
         with torch.no_grad():
             for name, param in named:
-                param.copy_(state.weights[name])
-        optimizer.load_state_dict(state.optimizer)
+                param.copy_(sharding.shard_like(state.weights[name], param))
+        optimizer.load_state_dict(sharding.shard_optimizer_state(state.optimizer, params))
         scheduler.load_state_dict(state.scheduler)
         first_step, records = state.step, state.log
         log.info("resuming at step %d of %d", first_step, schedule.total_steps)
@@ -185,14 +191,13 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
             batch = host_batch.to(device)
             torch.manual_seed(_micro_batch_seed(config.seed, micro.index))  # dropout masks
             last = k == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not ranks.distributed else module.no_sync()  # type: ignore[operator]
-            with sync:
+            with sharding.gradient_sync(module, last):
                 loss = module(batch.input_ids, batch.attention_mask, batch.labels, batch.weights)
                 (loss * (0.0 if micro.filler else scale)).backward()
             if not micro.filler:
                 loss_sum += loss.detach()
                 tokens += host_batch.num_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+        grad_norm = sharding.full(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -219,14 +224,15 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
         _after_step(step + 1)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < schedule.total_steps:
+            weights = {n: sharding.full(p.detach()) for n, p in named}  # collectives: on every rank
+            optimizer_state = sharding.full_optimizer_state(optimizer.state_dict())
             if ranks.is_main:
-                weights = {n: p.detach() for n, p in named}
                 save_checkpoint(
                     config.checkpoint_root,
                     step=step + 1,
                     fingerprint=fingerprint,
                     weights=weights,
-                    optimizer=optimizer.state_dict(),
+                    optimizer=optimizer_state,
                     scheduler=scheduler.state_dict(),
                     log=records,
                 )
@@ -234,11 +240,18 @@ def _train(config: TrainConfig, ranks: distributed.Ranks, device: torch.device, 
     bar.close()
 
     # ---- save --------------------------------------------------------------------------------------
-    adapter = {n: p.detach().cpu().clone() for n, p in named}
+    adapter = {n: sharding.full(p.detach()).cpu().clone() for n, p in named}  # collectives: on every rank
     out = None
     if ranks.is_main:
         provenance = _provenance(config, data, targets, schedule, warmup, dtype, ranks.world)
-        out = write_adapter(config.out_path, peft_model, log=records, provenance=provenance, overwrite=config.overwrite)
+        out = write_adapter(
+            config.out_path,
+            peft_model,
+            log=records,
+            provenance=provenance,
+            overwrite=config.overwrite,
+            state_dict=adapter if fsdp else None,  # peft's own state_dict() would hold this rank's shards
+        )
         shutil.rmtree(config.checkpoint_root, ignore_errors=True)
     distributed.barrier(ranks)
     return TrainResult(out=out, adapter=adapter, steps=schedule.total_steps, log=records)
