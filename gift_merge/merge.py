@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gift_merge.architecture import detect_layout
+from gift_merge.dtypes import DType
 from gift_merge.engine.executor import (
     choose_engine,
     default_memory_budget,
@@ -27,7 +28,7 @@ from gift_merge.estimate import RunJobs, StageEstimate, describe_memory, estimat
 from gift_merge.inputs import ModelInfo, ModelResolver
 from gift_merge.io import artifacts, origin
 from gift_merge.io.disk import check_room
-from gift_merge.io.finite import InputWatch, NonFinite
+from gift_merge.io.finite import InputWatch, report_nonfinite_inputs, report_nonfinite_outputs
 from gift_merge.io.locks import output_lock
 from gift_merge.io.writer import ShardedWriter, atomic_output_folder, check_output_free
 from gift_merge.plan import MergePlan, plan_stage
@@ -137,7 +138,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, options: MergeOpti
             return run_compare(recipe, destination, options)
         check_output_free(destination, overwrite=options.overwrite)
         plans = plan_recipe(recipe, destination, options.intermediate_dir)
-        _refuse_inputs_as_output(plans, destination)
+        refuse_inputs_as_output(plans, destination)
         final = plans[-1]
         if isinstance(final, MergePlan):  # before any stage runs: the output is what must fit at the end
             check_room(destination.parent, final.output_bytes, "the merged model")
@@ -199,7 +200,7 @@ def build_stage(
     _write_merge(plan, target, options, overwrite=overwrite, label=stage.name or "merge", full_recipe=full_recipe)
 
 
-def _refuse_inputs_as_output(plans: list[StagePlan], destination: Path) -> None:
+def refuse_inputs_as_output(plans: list[StagePlan], destination: Path) -> None:
     """The output may not be, contain, or lie inside any input: replacing it would destroy that input."""
     destination = destination.resolve()
     for plan in plans:
@@ -241,9 +242,14 @@ def _write_merge(
     watch = InputWatch(strict=options.strict)
     with atomic_output_folder(destination, overwrite=overwrite) as tmp:
         writer = run_plan(plan, tmp, options, label=label, watch=watch)
-        _report_nonfinite_inputs(watch.found)
-        _report_nonfinite(writer.nonfinite, plan, strict=options.strict)
+        report_nonfinite_inputs(watch.found)
+        report_nonfinite_outputs(writer.nonfinite, output_dtypes(plan), strict=options.strict)
         write_artifacts(plan, tmp, options, full_recipe)
+
+
+def output_dtypes(plan: MergePlan) -> dict[str, DType]:
+    """Each output tensor's stored dtype, by name: what the non-finite reports name."""
+    return {job.name: job.out_dtype for job in plan.jobs}
 
 
 def run_plan(
@@ -404,35 +410,6 @@ def _folder_records(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(record.get("adapter"), dict):
             flat.append(record["adapter"])
     return flat
-
-
-def _report_nonfinite_inputs(lines: list[str]) -> None:
-    """Warn about input tensors holding NaN or ±inf (with ``--strict`` the watch has raised already).
-
-    Said even when the output is finite (rows a vocabulary trim drops never reach it): the model they
-    came from is damaged all the same.
-    """
-    why = "the model is damaged, whether or not the output shows it (--strict refuses)"
-    for line in lines[:5]:
-        log.warning("%s; %s", line, why)
-    if len(lines) > 5:
-        log.warning("%d more input tensors hold non-finite values", len(lines) - 5)
-
-
-def _report_nonfinite(found: dict[str, NonFinite], plan: MergePlan, *, strict: bool) -> None:
-    """Warn about (with ``strict``: refuse) output tensors holding NaN or ±inf, naming them and the count."""
-    if not found:
-        return
-    dtypes = {j.name: j.out_dtype for j in plan.jobs}
-    lines = [f"tensor {name}: {counts} in the output ({dtypes[name]})" for name, counts in sorted(found.items())]
-    why = "an input tensor holds non-finite values, or the result overflows the output dtype"
-    if strict:
-        more = f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else ""
-        raise GiftMergeError(f"{lines[0]}{more}: {why}; nothing was written (--strict)")
-    for line in lines[:5]:
-        log.warning("%s: %s", line, why)
-    if len(lines) > 5:
-        log.warning("%d more output tensors hold non-finite values", len(lines) - 5)
 
 
 def _training_records(plan: MergePlan) -> dict[str, dict]:

@@ -40,17 +40,16 @@ from typing import Any
 
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.disk import check_room
-from gift_merge.io.finite import InputWatch
+from gift_merge.io.finite import InputWatch, report_nonfinite_inputs, report_nonfinite_outputs
 from gift_merge.io.locks import output_lock
 from gift_merge.io.reader import INDEX_NAME, SINGLE_NAME
 from gift_merge.io.writer import OutputTensor, check_output_free, header_bytes, shard_groups
 from gift_merge.merge import (
     MergeOptions,
     StagePlan,
-    _refuse_inputs_as_output,
-    _report_nonfinite,
-    _report_nonfinite_inputs,
+    output_dtypes,
     plan_recipe,
+    refuse_inputs_as_output,
     run_plan,
     stage_folders,
     stage_is_current,
@@ -258,7 +257,7 @@ def next_stage(
     """The first stage not built yet, its plan (against the real outputs of the stages it reads), its
     folder and its inputs' fingerprint; ``None`` when the final output exists."""
     plans = plan_recipe(recipe, destination, options.intermediate_dir)
-    _refuse_inputs_as_output(plans, destination)
+    refuse_inputs_as_output(plans, destination)
     planned: dict[int, StagePlan] = {id(s): p for s, p in zip(recipe.stages, plans, strict=True)}
     folders = stage_folders(recipe, destination, options.intermediate_dir)
     resolver = stage_resolver(recipe, folders)
@@ -318,7 +317,7 @@ def write_part(
             sub = replace(plan, jobs=[jobs[t.name] for t in shard.tensors])
             _write_shard(sub, shard, staging, options, watch, f"{label} {shard.file}", fingerprint)
             written += 1
-    _report_nonfinite_inputs(watch.found)
+    report_nonfinite_inputs(watch.found)
     return written, skipped
 
 
@@ -395,7 +394,7 @@ def _write_shard(
     try:
         # one file: this shard's group, laid out as the whole run lays it out
         writer = run_plan(plan, tmp, options, label=label, watch=watch, max_shard_bytes=sys.maxsize)
-        _report_nonfinite(writer.nonfinite, plan, strict=options.strict)
+        report_nonfinite_outputs(writer.nonfinite, output_dtypes(plan), strict=options.strict)
         if (tmp / SINGLE_NAME).stat().st_size != shard.size:
             raise GiftMergeError(
                 f"{shard.file}: written with {(tmp / SINGLE_NAME).stat().st_size} bytes, planned {shard.size}"

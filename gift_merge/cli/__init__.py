@@ -168,8 +168,8 @@ def finalize(out: Path, overwrite: bool) -> None:
 @click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the arms' stages are built [default: OUT/stages].")  # fmt: skip
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: every arm, sweep point and seed built as Ray tasks (needs gift-merge[ray]); "
-                   "evaluation runs here.")  # fmt: skip
+              help="ray: every arm, sweep point and seed built, then evaluated, as Ray tasks "
+                   "(needs gift-merge[ray]).")  # fmt: skip
 @click.option(
     "--address", default=None, help="With --executor ray: the cluster to join [default: RAY_ADDRESS or local]."
 )

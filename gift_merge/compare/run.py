@@ -5,7 +5,8 @@ every stage that reads such a stage is built once per seed (``stages/seed-S/NAME
 stages are built once (``stages/NAME``) and shared. Greedy evaluation of an arm that no seed changes
 gives the same numbers every time, so such an arm is evaluated once. Stages are reused while their text
 and inputs are unchanged, as in ``gift-merge run``; evaluations are reused while the evaluated folders
-and the evaluation settings are unchanged (``evals/ARM/seed-S.json``, lm-eval's output kept there).
+and the evaluation settings are unchanged (``evals/ARM/seed-S.json``, lm-eval's output kept there). The
+rest run one after another here (:func:`evaluate_here`), or each as a Ray task (``--executor ray``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gift_merge.compare.measure import measured
 from gift_merge.compare.results import ArmRecord, Comparison, Score
@@ -36,10 +37,11 @@ BUILD_RECORD = "gift-merge-build.json"
 HEADLINE_PREFERENCE = ("acc", "rougeL", "exact_match", "acc_norm")
 
 
-def run_compare(recipe: Recipe, out: Path, options: MergeOptions) -> Path:
+def run_compare(recipe: Recipe, out: Path, options: MergeOptions, evaluate: Evaluator | None = None) -> Path:
     """Build, evaluate and rank the arms of ``recipe.compare``; return the results folder.
 
-    The caller (:func:`gift_merge.merge.run_recipe`) holds the output folder's lock.
+    The caller (:func:`gift_merge.merge.run_recipe`, or the Ray executor) holds the output folder's lock.
+    ``evaluate`` runs the evaluations not reused (default: :func:`evaluate_here`, one after another here).
     """
     spec = recipe.compare
     assert spec is not None
@@ -52,7 +54,7 @@ def run_compare(recipe: Recipe, out: Path, options: MergeOptions) -> Path:
     if any(isinstance(stage, TrainStage) for stage in recipe.stages):
         import gift_merge.train.loop  # noqa: F401  # torch, transformers, peft: once, not in the first arm's build time
     builds = _build_all(recipe, spec, out, options, seeded)
-    evaluations = _evaluate_all(recipe, spec, out, options, seeded, builds)
+    evaluations = _evaluate_all(recipe, spec, out, options, seeded, evaluate or evaluate_here)
     comparison = _comparison(recipe, spec, builds, evaluations, seeded)
     comparison.meta["seconds_total"] = round(time.perf_counter() - started, 1)
     written = _write_results(comparison, out)
@@ -160,41 +162,92 @@ def _closure(recipe: Recipe, stage: str) -> set[str]:
 Evaluations = dict[tuple[str, int], dict[str, Any]]  # (arm, seed) → eval record
 
 
-def _evaluate_all(
-    recipe: Recipe, spec: CompareSpec, out: Path, options: MergeOptions, seeded: set[str], builds: BuildTable
-) -> Evaluations:
+@dataclasses.dataclass(frozen=True)
+class EvalJob:
+    """One arm evaluated for one seed: what to load, lm-eval's settings, and the file its record goes to.
+
+    Self-contained (paths and settings, no loaded objects), so a Ray task can run it on another machine.
+    """
+
+    arm: str
+    seed: int
+    label: str  # for messages: the arm, and the seed when the arm is evaluated per seed
+    target: EvalTarget
+    options: EvalOptions
+    key: str  # what the record is reused for: the evaluated files and the settings (:func:`_eval_key`)
+    cache: Path
+
+
+class Evaluator(Protocol):
+    """Runs the evaluations not found in the cache; returns their records by (arm, seed)."""
+
+    def __call__(self, jobs: list[EvalJob], spec: CompareSpec) -> Evaluations: ...
+
+
+def evaluate_here(jobs: list[EvalJob], spec: CompareSpec) -> Evaluations:
+    """The evaluations one after another, in this process."""
+    evaluations: Evaluations = {}
+    for job in jobs:
+        log.info("compare: evaluating %s on %s …", job.label, ", ".join(spec.tasks))
+        record = evaluate_job(job, spec.device, spec.dtype)
+        evaluations[(job.arm, job.seed)] = record
+        log.info("compare: %s: %s (%.1f s)", job.label, scores_line(spec, record), record["seconds"])
+    return evaluations
+
+
+def evaluate_job(job: EvalJob, device: str, dtype: str) -> dict[str, Any]:
+    """Load the arm's model, run lm-eval on it, and write the record (lm-eval's output kept) to its cache file."""
     from gift_merge.evaluate.harness import run_harness
     from gift_merge.evaluate.loading import load_for_eval
     from gift_merge.evaluate.record import eval_record, write_json
 
-    evaluations: Evaluations = {}
+    started = time.perf_counter()
+    loaded = load_for_eval(job.target, device=device, dtype=dtype)
+    run = run_harness(loaded.model, loaded.tokenizer, job.options, device=device)
+    del loaded
+    seconds = time.perf_counter() - started
+    record = {**eval_record(job.target.label, job.options, run, seconds, keep_samples=True), "key": job.key}
+    write_json(job.cache, record)
+    return record
+
+
+def scores_line(spec: CompareSpec, record: dict[str, Any]) -> str:
+    """Each task's headline score in an evaluation record, for the log."""
+    return ", ".join(f"{task} {_headline(spec, task, record['scores'][task])}" for task in spec.tasks)
+
+
+def _evaluate_all(
+    recipe: Recipe,
+    spec: CompareSpec,
+    out: Path,
+    options: MergeOptions,
+    seeded: set[str],
+    evaluate: Evaluator,
+) -> Evaluations:
+    """Every arm's evaluations, reused where the cache holds them; the rest run by ``evaluate``. In arm and
+    seed order, whatever order they finish in: the results list scores in this order."""
+    cached: Evaluations = {}
+    jobs: list[EvalJob] = []
+    order: list[tuple[str, int]] = []
     greedy = spec.evaluation.sampling_temperature is None
     for arm in spec.arms:
         varies = arm.stage is not None and arm.stage in seeded
         seeds = spec.seeds if varies or not greedy else spec.seeds[:1]
         for seed in seeds:
+            order.append((arm.name, seed))
             target = _arm_target(recipe, arm, out, seed, seeded, options)
             eval_options = dataclasses.replace(spec.evaluation, seed=seed)
             key = _eval_key(target, eval_options, spec)
             cache = out / "evals" / arm.name / f"seed-{seed}.json"
-            cached = _read_cached(cache, key)
+            record = _read_cached(cache, key)
             label = f"{arm.name} (seed {seed})" if len(seeds) > 1 else arm.name
-            if cached is not None:
+            if record is not None:
                 log.info("compare: %s evaluated before with the same model and settings; reusing", label)
-                evaluations[(arm.name, seed)] = cached
-                continue
-            log.info("compare: evaluating %s on %s …", label, ", ".join(spec.tasks))
-            started = time.perf_counter()
-            loaded = load_for_eval(target, device=spec.device, dtype=spec.dtype)
-            run = run_harness(loaded.model, loaded.tokenizer, eval_options, device=spec.device)
-            del loaded
-            seconds = time.perf_counter() - started
-            record = {**eval_record(target.label, eval_options, run, seconds, keep_samples=True), "key": key}
-            write_json(cache, record)
-            evaluations[(arm.name, seed)] = record
-            shown = ", ".join(f"{task} {_headline(spec, task, run.scores[task])}" for task in spec.tasks)
-            log.info("compare: %s: %s (%.1f s)", label, shown, seconds)
-    return evaluations
+                cached[(arm.name, seed)] = record
+            else:
+                jobs.append(EvalJob(arm.name, seed, label, target, eval_options, key, cache))
+    fresh = evaluate(jobs, spec) if jobs else {}
+    return {pair: cached[pair] if pair in cached else fresh[pair] for pair in order}
 
 
 def _arm_target(

@@ -16,7 +16,9 @@ cost of reading the memory at all (benchmarks/count_nonfinite.py, benchmarks/RES
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,9 @@ import numpy as np
 
 from gift_merge.dtypes import DType
 from gift_merge.errors import GiftMergeError
+
+log = logging.getLogger("gift_merge")
+SHOWN = 5  # tensors named one per line in a warning; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -127,3 +132,35 @@ class InputWatch:
         """One line per input tensor holding NaN or ±inf, naming its file and the counts, in file order."""
         with self._lock:
             return [self._found[key] for key in sorted(self._found, key=lambda key: (str(key[0]), key[1]))]
+
+
+def report_nonfinite_inputs(lines: list[str]) -> None:
+    """Warn about input tensors holding NaN or ±inf (``lines``: :attr:`InputWatch.found`; with ``--strict``
+    the watch has raised already).
+
+    Said even when the output is finite (rows a vocabulary trim drops never reach it): the model they
+    came from is damaged all the same.
+    """
+    why = "the model is damaged, whether or not the output shows it (--strict refuses)"
+    for line in lines[:SHOWN]:
+        log.warning("%s; %s", line, why)
+    if len(lines) > SHOWN:
+        log.warning("%d more input tensors hold non-finite values", len(lines) - SHOWN)
+
+
+def report_nonfinite_outputs(found: Mapping[str, NonFinite], dtypes: Mapping[str, DType], *, strict: bool) -> None:
+    """Warn about (with ``strict``: refuse) output tensors holding NaN or ±inf, naming them and the count.
+
+    ``found``: the writer's counts by tensor name; ``dtypes``: each output tensor's stored dtype.
+    """
+    if not found:
+        return
+    lines = [f"tensor {name}: {counts} in the output ({dtypes[name]})" for name, counts in sorted(found.items())]
+    why = "an input tensor holds non-finite values, or the result overflows the output dtype"
+    if strict:
+        more = f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else ""
+        raise GiftMergeError(f"{lines[0]}{more}: {why}; nothing was written (--strict)")
+    for line in lines[:SHOWN]:
+        log.warning("%s: %s", line, why)
+    if len(lines) > SHOWN:
+        log.warning("%d more output tensors hold non-finite values", len(lines) - SHOWN)
