@@ -131,6 +131,12 @@ CASES = [
         "arcee_fusion float64",
         plain("arcee_fusion", ("math",), True).replace("dtype: float32\n", "dtype: float64\nout_dtype: float32\n"),
     ),
+    Case(  # both tools ignore the generic switches recipes copied from TIES carry
+        "arcee_fusion float64, normalize and int8_mask ignored",
+        plain("arcee_fusion", ("math",), True, "normalize: true, int8_mask: true").replace(
+            "dtype: float32\n", "dtype: float64\nout_dtype: float32\n"
+        ),
+    ),
     Case("ram", plain("ram", ("math", "code", "instruct"), True)),
     Case("ram epsilon 1e-3", plain("ram", ("math", "code", "instruct"), True, "epsilon: 0.001")),
     Case("ramplus_tl", plain("ramplus_tl", ("math", "code", "instruct"), True)),

@@ -1,7 +1,8 @@
 """What a merge stage will cost on this machine, measured before it runs: time and peak private memory.
 
 A merge's time is the sum of its tensors' times, each proportional to its entries for a given kind of
-tensor (method, inputs, dtypes, small or blocked), overlapped by the executor's workers. So the probe runs
+tensor (method, inputs, dtypes, small or blocked), or to what its method declares (``Operator.work``: an
+SVD merge's time grows as m·n·min(m, n)), overlapped by the executor's workers. So the probe runs
 the real executor (as the merge will: ``merge.stage_runner``) on one real tensor of each kind, cut to its
 first rows (:data:`PROBE_ENTRIES` entries, so it takes the blocked path the whole tensor takes): CPU seconds
 per entry of every kind on this machine, which barely move when other work shares it. One more run of the
@@ -218,11 +219,11 @@ def estimate_stage(
         call = Run(max(0.0, one.wall - per_job), max(0.0, one.cpu - per_job))  # a run's own set-up
         setup = max(0.0, first.wall - one.wall)
         runs = {key: one if job is tiny else prober.best([job], trace=traced) for key, job in probes.items()}
-        per_entry = {key: max(runs[key].cpu - call.cpu, per_job) / probes[key].numel for key in probes}
+        per_entry = {key: max(runs[key].cpu - call.cpu, per_job) / work(probes[key]) for key in probes}
         for key in kinds:  # a small kind none of whose inputs exists yet: the slowest rate seen
             per_entry.setdefault(key, max(per_entry.values()))
         alone = _cores_used([runs[key] for key in probes], call, 1)
-        largest = max(kinds, key=lambda k: per_entry[k] * sum(j.numel for j in kinds[k]))
+        largest = max(kinds, key=lambda k: per_entry[k] * sum(work(j) for j in kinds[k]))
         together = alone
         if workers > 1 and largest in probes:
             copies = [_renamed(probes[largest], f"w{i}") for i in range(workers)]
@@ -234,7 +235,7 @@ def estimate_stage(
                 key: prober.memory(job, _memory_job(kinds[key], job, models), fixed) for key, job in probes.items()
             }
     key_of = {id(job): key for key, jobs in kinds.items() for job in jobs}
-    durations = [max(per_entry[key_of[id(job)]] * job.numel, per_job) for job in plan.jobs]  # CPU seconds
+    durations = [max(per_entry[key_of[id(job)]] * work(job), per_job) for job in plan.jobs]  # CPU seconds
     if memory:
         for key in kinds:  # a small kind none of whose inputs exists yet: the largest per entry seen
             memory.setdefault(key, max(memory.values(), key=lambda m: m[1]))
@@ -257,6 +258,14 @@ def estimate_stage(
         imported_bytes=imported,
         probe_s=time.perf_counter() - started,
     )
+
+
+def work(job: TensorJob) -> float:
+    """Units a job's CPU seconds are proportional to within its kind: its entries, or what its method
+    declares (``Operator.work``: m·n·min(m, n) for an SVD merge, so a probe cut to fewer rows than columns
+    says how much longer the whole square matrix takes, not just how many more entries it has)."""
+    declared = get_operator(job.operator).work
+    return declared(job.shape) if declared is not None and not job.copy else float(job.numel)
 
 
 class Run(NamedTuple):

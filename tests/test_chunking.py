@@ -160,6 +160,12 @@ GLOBAL_STATISTICS = {
         "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {math}\n  - model: {code}\n"
         "  - model: {instruct}\nparameters: {{filter_wise: true}}\ndtype: bfloat16\n"
     ),
+    "multislerp": (
+        "merge_method: multislerp\nbase_model: {base}\nmodels:\n  - {{model: {math}, parameters: {{weight: 0.7}}}}\n"
+        "  - {{model: {code}, parameters: {{weight: 0.4}}}}\ndtype: bfloat16\n"
+    ),
+    "karcher": "merge_method: karcher\nmodels:\n  - model: {math}\n  - model: {code}\n  - model: {instruct}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {math}\ndtype: bfloat16\n",
 }
 
 
@@ -167,7 +173,8 @@ GLOBAL_STATISTICS = {
 def test_streamed_global_statistics_are_bit_identical(
     tmp_path: Path, llama: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """slerp and model_stock need whole-tensor inner products: streamed, they sum the same blocks."""
+    """slerp, model_stock, multislerp, karcher and arcee_fusion need whole-tensor sums (and arcee_fusion its
+    quantiles): streamed, they sum the same blocks."""
     import gift_merge.operators.base as operator_base
     import gift_merge.operators.reductions as reductions
 

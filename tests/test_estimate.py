@@ -13,6 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from gift_merge.cli import main
+from gift_merge.dtypes import BFLOAT16
+from gift_merge.engine.compute import MethodEngine
 from gift_merge.engine.executor import peak_in_flight
 from gift_merge.estimate import (
     StageEstimate,
@@ -22,8 +24,10 @@ from gift_merge.estimate import (
     replay,
     resident_pages,
     substitutes_for,
+    work,
 )
 from gift_merge.merge import MergeOptions, estimate, plan_recipe
+from gift_merge.plan import TensorJob, TensorSource
 from gift_merge.recipe import parse_recipe
 
 LINEAR = "merge_method: linear\nmodels:\n  - {{model: {math}, parameters: {{weight: 1}}}}\n  - {{model: {code}, parameters: {{weight: 1}}}}\n"
@@ -130,3 +134,29 @@ def test_page_cache_residency_is_read_without_reading(tmp_path: Path) -> None:
     if pages is None:
         pytest.skip("mincore is not available here")
     assert len(pages) == (1 << 20) // 4096 and set(pages) <= {0, 1} and pages.count(1) > 0
+
+
+def job(method: str, shape: tuple[int, ...], models: int = 3) -> TensorJob:
+    inputs = tuple(TensorSource(f"m{i}", "w") for i in range(models))
+    return TensorJob("w", method, inputs, TensorSource("base", "w"), ({},) * models, {}, shape, BFLOAT16)
+
+
+def test_an_svd_merges_time_grows_with_the_smaller_dimension_too() -> None:
+    """The probe of a 4096 × 4096 matrix is cut to its first 512 rows (2M entries): its SVD merge does 64
+    times the probe's work, not the 8 times its entries say; a linear merge does 8 times."""
+    probe, whole = (512, 4096), (4096, 4096)
+    for method in ("tsv", "iso_c", "iso_cts"):
+        assert work(job(method, whole)) / work(job(method, probe)) == 64
+        assert work(job(method, (4096,))) == 4096  # not a matrix: the mean task vector, per entry
+    assert work(job("linear", whole)) / work(job("linear", probe)) == 8
+
+
+def test_an_svd_merges_working_set_counts_its_factors_and_workspace() -> None:
+    """Beyond its inputs, whole in float32, an SVD merge holds the large factor and float64 (c, c) arrays;
+    a wide matrix also the float64 right-hand side of its last product."""
+    for shape in ((32000, 1024), (1024, 4416)):
+        rows, cols = shape
+        inputs = MethodEngine.working_set(job("linear", shape)) + rows * cols * 4 * 5  # base and 3 models whole
+        held = MethodEngine.working_set(job("tsv", shape))
+        assert held >= inputs + 4 * rows * cols + 48 * min(shape) ** 2
+        assert (held >= inputs + 20 * rows * cols) == (rows < cols)

@@ -180,3 +180,44 @@ def test_tokenizer_and_chat_template() -> None:
 def test_yaml_syntax_error_has_line() -> None:
     with pytest.raises(GiftMergeError, match="invalid YAML at line"):
         parse_recipe("merge_method: linear\nmodels: [\n")
+
+
+ARCEE_FUSION = """
+merge_method: arcee_fusion
+base_model: org/base
+models:
+  - model: org/a
+    parameters: {int8_mask: false}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+"""
+
+
+def test_arcee_fusion_accepts_and_ignores_what_mergekit_ignores(caplog: pytest.LogCaptureFixture) -> None:
+    """mergekit 0.1.5 declares no parameters for arcee_fusion and ignores any a recipe sets; recipes copied
+    from TIES carry ``normalize`` and ``int8_mask``, so those load (and are dropped, said at INFO)."""
+    with caplog.at_level("INFO", logger="gift_merge"):
+        stage = parse_recipe(ARCEE_FUSION).final
+    assert stage.merge_method == "arcee_fusion"
+    assert stage.parameters == {}
+    assert stage.models is not None and stage.models[0].parameters == {}
+    ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert ignored == [
+        "recipe.models[0].parameters.int8_mask: ignored, as mergekit ignores it for arcee_fusion",
+        "recipe.parameters.normalize: ignored, as mergekit ignores it for arcee_fusion",
+        "recipe.parameters.int8_mask: ignored, as mergekit ignores it for arcee_fusion",
+    ]
+
+
+@pytest.mark.parametrize("parameter", ["weight: 0.5", "density: 0.5", "normalise: true"])
+def test_arcee_fusion_rejects_other_parameters(parameter: str) -> None:
+    with pytest.raises(GiftMergeError, match=r"unknown parameter for arcee_fusion"):
+        parse_recipe(ARCEE_FUSION.replace("int8_mask: false", parameter))
+
+
+def test_other_methods_still_reject_parameters_they_do_not_take() -> None:
+    text = "merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\nparameters: {t: 0.5, int8_mask: true}\n"
+    with pytest.raises(GiftMergeError, match=r"parameters\.int8_mask: unknown parameter for slerp"):
+        parse_recipe(text)

@@ -187,6 +187,17 @@ class Backend:
         """``Q`` of the reduced QR of a 2-D array: an orthonormal basis of its columns' span (m ≥ n)."""
         return np.linalg.qr(np.ascontiguousarray(x), mode="reduced")[0]
 
+    def gram(self, x: Any) -> Any:
+        """``xᵀx`` of a 2-D array in float64 (n, n): products of float32 entries are exact in float64, and
+        BLAS's symmetric rank-k update does half a general product's work."""
+        block = np.ascontiguousarray(x, dtype=np.float64)
+        return block.T @ block
+
+    def eigh(self, x: Any) -> tuple[Any, Any]:
+        """Eigenvalues of a symmetric 2-D array in descending order, and its eigenvectors as columns."""
+        values, vectors = np.linalg.eigh(np.ascontiguousarray(x))
+        return values[::-1].copy(), vectors[:, ::-1].copy()
+
     def concat(self, arrays: list[Any], axis: int) -> Any:
         return np.concatenate(arrays, axis=axis)
 
@@ -339,6 +350,19 @@ class TorchBackend(Backend):
 
     def qr(self, x: Any) -> Any:
         return torch.from_numpy(super().qr(x.numpy())) if self.on_cpu else torch.linalg.qr(x).Q
+
+    def gram(self, x: Any) -> Any:
+        if self.on_cpu:
+            return torch.from_numpy(super().gram(x.numpy()))
+        block = x.to(torch.float64)
+        return block.T @ block
+
+    def eigh(self, x: Any) -> tuple[Any, Any]:
+        if self.on_cpu:
+            values, vectors = super().eigh(x.numpy())
+            return torch.from_numpy(values), torch.from_numpy(vectors)
+        values, vectors = torch.linalg.eigh(x)
+        return torch.flip(values, (0,)), torch.flip(vectors, (1,))
 
     def concat(self, arrays: list[Any], axis: int) -> Any:
         return torch.cat(arrays, dim=axis)

@@ -84,5 +84,7 @@ class MethodEngine:
         if memory == "cuts" or (memory == "stream_cuts" and cuts <= buffer_limit):
             return slices + cuts
         if memory == "whole":
-            return slices + job.numel * 4 * (len(job.sources) + 1)
+            workspace = get_operator(job.operator).workspace
+            extra = workspace(job.shape) if workspace is not None else 0
+            return slices + job.numel * 4 * (len(job.sources) + 1) + extra
         return slices

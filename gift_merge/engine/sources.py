@@ -25,6 +25,7 @@ from gift_merge.operators.base import NO_LIMIT, Operands, Output, Sink, generato
 from gift_merge.plan import ModelInfo, TensorJob, TensorSource
 
 from .backend import NUMPY, Backend, TorchBackend
+from .blocks import rows_per_block
 
 
 class StoredSource:
@@ -96,9 +97,9 @@ class PatchedSource:
 
 
 class AdapterDelta:
-    """Flat slices of one additive patch's ΔW (:func:`adapters.delta_rows`): by whole rows (``by_rows``:
-    each slice must cover whole rows, and that block of rows is formed alone) or from the whole matrix
-    formed once."""
+    """Flat slices of one additive patch's ΔW (:func:`adapters.delta_rows`): by blocks of rows (``by_rows``:
+    each slice lies within one of :mod:`~gift_merge.engine.blocks`' row blocks, which is formed alone, and
+    kept while slices of it are read) or from the whole matrix formed once."""
 
     def __init__(
         self, backend: Backend, adapter: AdapterReader, patch: Patch, shape: tuple[int, ...], math: DType,
@@ -109,7 +110,9 @@ class AdapterDelta:
         on_host = not isinstance(backend, TorchBackend) or backend.on_cpu
         self.dtype = np.dtype(math.name) if on_host else math.torch
         self.width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        self.block_rows = rows_per_block(shape)
         self._whole: Any = None
+        self._block: tuple[int, Any] | None = None  # (block index, its ΔW, flat)
 
     def _rows(self, rows: slice) -> Any:
         return _on_backend(self.backend, adapters.delta_rows(self.patch, rows, self.factor, self.dtype).reshape(-1))
@@ -120,9 +123,14 @@ class AdapterDelta:
                 self._whole = self._rows(slice(None))
             return self._whole[part]
         start, stop = part.start or 0, part.stop
-        if start % self.width or stop % self.width:
-            raise ValueError(f"slice {start}:{stop} does not cover whole rows of width {self.width}")
-        return self._rows(slice(start // self.width, stop // self.width))
+        block_size = self.block_rows * self.width
+        index = start // block_size
+        if stop > (index + 1) * block_size:
+            raise ValueError(f"slice {start}:{stop} crosses a block of {self.block_rows} rows of width {self.width}")
+        if self._block is None or self._block[0] != index:
+            self._block = (index, self._rows(slice(index * self.block_rows, (index + 1) * self.block_rows)))
+        offset = index * block_size
+        return self._block[1][start - offset : stop - offset]
 
 
 class JobInputs:

@@ -13,7 +13,10 @@ Rows run along the last dimension (a vector is one row); softmax is taken along 
 Arcee AI's method, published only as code in mergekit (``merge_methods/arcee_fusion.py``) with
 https://arcee.ai as its reference; there is no paper.
 
-Exactly one model besides the base, as in mergekit. The quantiles are mergekit's: the lower order
+Exactly one model besides the base, as in mergekit, and no parameters: mergekit 0.1.5 declares none for
+this method and ignores any a recipe sets, so the global ``normalize`` and ``int8_mask`` that recipes
+copied from TIES carry are accepted here and ignored (``Operator.ignores``, with an INFO line); any other
+parameter is an error, as for every method. The quantiles are mergekit's: the lower order
 statistic at index ⌊f·(N − 1)⌋ of the sorted importances, so equal importances need no tie order (a
 value is selected, and every entry ≥ τ is kept). Deviations from mergekit 0.1.5:
 - The KL is evaluated in float64 and rounded once to the compute dtype; mergekit evaluates it in float32.
@@ -29,15 +32,24 @@ value is selected, and every entry ≥ τ is kept). Deviations from mergekit 0.1
 - mergekit stores the mask as float32, which promotes a bfloat16 merge to float32 output tensors (its
   issue #604); here the output has the recipe's dtype like every other method.
 
-Two passes: the importances into a tensor-sized buffer (per row of whole rows, the KL kept per row) and
-the three order statistics; then the masked mix, the importance recomputed from the same bits.
+- A row's KL that float64 rounds below zero counts as 0 (the KL of two distributions is ≥ 0), so every
+  importance is ≥ 0 (or NaN) and orders like its float bits.
+
+Passes over slices of whole rows: each row's KL (one value per row is kept); the three order statistics,
+on an importance buffer while it fits the memory budget, else by radix passes over the importances formed
+again (:func:`~gift_merge.engine.selection.streamed_kth_largest`, the same values); then the masked mix.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from . import base as base_module
+import numpy as np
+
+from gift_merge.engine import blocks
+from gift_merge.engine.selection import HISTOGRAM_BINS, streamed_kth_largest
+
 from .base import Operands, Operator
 
 EPS = 1e-8
@@ -56,7 +68,8 @@ def row_kl(backend: Any, theta: Any, base: Any) -> Any:
     """KL(softmax(θ) + ε ‖ softmax(θ_b) + ε) of each row of two (R, W) arrays, in float64, shape (R, 1)."""
     p = _softmax(backend, backend.astype(theta, "float64")) + EPS
     q = _softmax(backend, backend.astype(base, "float64")) + EPS
-    return backend.row_sums(p * backend.log(p / q))
+    kl = backend.row_sums(p * backend.log(p / q))
+    return backend.where(kl < 0, 0.0, kl)  # Gibbs: KL ≥ 0; a negative sum is rounding residue (NaN stays)
 
 
 def _dtype_name(values: Any) -> str:
@@ -74,31 +87,43 @@ def arcee_fusion_merge(operands: Operands[Any]) -> None:
     width = operands.shape[-1] if operands.shape else 1
     if len(operands.shape) <= 1:
         width = count  # a vector is one row
-    parts = list(operands.chunks(max(1, base_module.CHUNK // width) * width))  # whole rows
+    # whole rows, a cache-sized piece at a time: the float64 softmaxes of a CHUNK of rows would go to memory
+    parts = list(operands.chunks(max(1, blocks.PIECE // width) * width))
 
-    importance: Any = None
     kls = []
-    for part in parts:  # first pass: the importances and each row's KL
+    for part in parts:  # first pass: each row's KL
         theta, b = other.read(part), base.read(part)
-        kl = backend.astype(row_kl(backend, theta.reshape(-1, width), b.reshape(-1, width)), theta.dtype)
-        kls.append(kl)
-        if importance is None:
-            importance = backend.empty(count, _dtype_name(theta))
-        importance[part] = (backend.abs(theta - b).reshape(-1, width) * kl).reshape(-1)
+        kls.append(backend.astype(row_kl(backend, theta.reshape(-1, width), b.reshape(-1, width)), theta.dtype))
 
-    last = count - 1  # ascending index i is the (N − i)-th largest; the selections may reorder the buffer
-    q1, median, q3 = (
-        backend.kth_largest_and_count(importance, count - index, in_place=True)[0]
-        for index in (last // 4, last // 2, 3 * last // 4)
-    )
+    def importance(part: slice, kl: Any) -> tuple[Any, Any, Any]:
+        """θ_b, δ and s on one slice of whole rows."""
+        b = base.read(part)
+        delta = other.read(part) - b
+        return b, delta, (backend.abs(delta).reshape(-1, width) * kl).reshape(-1)
+
+    last = count - 1  # ascending index i is the (N − i)-th largest
+    ranks = [count - index for index in (last // 4, last // 2, 3 * last // 4)]
+    if operands.cuts_fit() or kls[0].dtype.itemsize != 4:  # an importance buffer (float64: always)
+        buffer = backend.empty(count, _dtype_name(kls[0]))
+        for part, kl in zip(parts, kls, strict=True):
+            buffer[part] = importance(part, kl)[2]
+        q1, median, q3 = (backend.kth_largest_and_count(buffer, k, in_place=True)[0] for k in ranks)
+        del buffer
+    else:  # radix passes over the importances formed again (s ≥ 0: KL ≥ 0 and |δ| ≥ 0)
+
+        @functools.cache
+        def histogram(high: int | None) -> np.ndarray:
+            counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+            for part, kl in zip(parts, kls, strict=True):
+                counts += backend.bit_histogram(importance(part, kl)[2], high)
+            return counts
+
+        q1, median, q3 = (np.float32(streamed_kth_largest(histogram, k)[0]) for k in ranks)
     threshold = median + (q3 - q1) * FENCE  # in the compute dtype, as mergekit's tensors
-    del importance
 
-    for part, kl in zip(parts, kls, strict=True):  # second pass: the same importances, masked
-        theta, b = other.read(part), base.read(part)
-        delta = theta - b
-        keep = (backend.abs(delta).reshape(-1, width) * kl).reshape(-1) >= threshold
-        operands.out.write(part, b + delta * backend.astype(keep, delta.dtype))
+    for part, kl in zip(parts, kls, strict=True):  # last pass: the same importances, masked
+        b, delta, scores = importance(part, kl)
+        operands.out.write(part, b + delta * backend.astype(scores >= threshold, delta.dtype))
 
 
 ARCEE_FUSION = Operator(
@@ -109,5 +134,6 @@ ARCEE_FUSION = Operator(
     max_models=1,
     summary="Take the other model's changes whose |δ|·KL importance reaches the median + 1.5·IQR fence.",
     paper="https://arcee.ai",
-    memory="cuts",
+    memory="stream_cuts",
+    ignores=("normalize", "int8_mask"),
 )

@@ -185,6 +185,13 @@ class Operands(Generic[Array]):
             start = (rows.start or 0) * width
             yield slice(start, min(rows.stop * width, self.numel) if self.shape else self.numel)
 
+    def row_pieces(self) -> Iterator[slice]:
+        """The blocks of :meth:`row_chunks` cut into cache-sized pieces (:data:`~gift_merge.engine.blocks.PIECE`),
+        in order: what an elementwise mix computes at once. Sources serve any slice within one block (an
+        adapter's ΔW is still formed a whole block at a time)."""
+        for part in self.row_chunks():
+            yield from blocks.pieces(part)
+
 
 def elementwise(mix: Callable[[MergeInputs[Any]], Any]) -> Callable[[Operands[Any]], None]:
     """A method whose every output entry depends only on the same entry of its inputs, as a merge: ``mix``
@@ -192,7 +199,7 @@ def elementwise(mix: Callable[[MergeInputs[Any]], Any]) -> Callable[[Operands[An
 
     def merge(operands: Operands[Any]) -> None:
         base = operands.base
-        for part in operands.row_chunks():
+        for part in operands.row_pieces():
             block = MergeInputs(
                 tensors=[source.read(part) for source in operands.sources],
                 base=base.read(part) if base is not None else None,
@@ -221,6 +228,12 @@ class Operator:
     receive each input's change to the base (an adapter's exact ΔW) instead of a full tensor, so nothing is
     lost to ``(θ_b + ΔW) − θ_b``. ``elementwise`` methods compute each entry from the same entry of the
     inputs and read them in blocks of whole rows, so an adapter's ΔW is formed a block of rows at a time.
+    ``work`` gives how a tensor's time grows with its shape, in units its seconds are proportional to
+    (``None``: its entries); an SVD merge's grows as m·n·min(m, n). ``workspace`` gives the bytes a
+    ``whole`` method allocates for one tensor beyond its inputs (decompositions' factors and workspace).
+    ``ignores`` names parameters mergekit's recipes carry for this method although mergekit declares none
+    of that name for it and so ignores them: the loader accepts them anywhere and drops them with a log
+    line, so such a recipe runs unchanged; every other unknown parameter stays an error.
     """
 
     name: str
@@ -236,6 +249,9 @@ class Operator:
     deltas: bool = False
     elementwise: bool = False
     memory: Memory = "slices"
+    work: Callable[[tuple[int, ...]], float] | None = None
+    workspace: Callable[[tuple[int, ...]], int] | None = None
+    ignores: tuple[str, ...] = ()
 
     @property
     def global_params(self) -> tuple[Param, ...]:

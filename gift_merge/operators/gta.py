@@ -189,7 +189,7 @@ def gta_merge(operands: Operands[Any], cut: CutRule, consensus: bool) -> None:
     weights = [float(mp["weight"]) for mp in operands.model_params]
     cuts = [cut(operands, s, mp, rescale) for s, mp in zip(operands.sources, operands.model_params, strict=True)]
     normalize, lam = bool(params["normalize"]), float(params["lambda"])
-    for part in operands.row_chunks():  # any slicing gives the same bits; rows let adapters form ΔW by rows
+    for part in operands.row_pieces():  # any in-order slicing gives the same bits; pieces stay in cache
         base = base_source.read(part)
         weighted = []
         for source, trim, weight in zip(operands.sources, cuts, weights, strict=True):

@@ -38,8 +38,9 @@ Deviations, none of which changes a full-rank sum of task matrices:
   residual only those above τ_i's floor (for σ_1(τ_i), which no SVD gives here, ‖τ_i‖_F ≥ σ_1). When f
   is so small that the authors' rounding asks for more than r task-specific directions (r = 3, T = 2,
   f = 0 gives k = −1 there), T·d is capped at T·⌊r/T⌋.
-- The SVD is in the math dtype (float32; float64 for float64 inputs). Iso-CTS's task-specific SVDs
-  (d ≪ r) may be randomized and checked (:mod:`subspaces`).
+- The decompositions are of float32 matrices in their small dimension, through float64 Gram matrices
+  (float64 inputs: LAPACK's SVD), and U Vᵀ is formed a block of rows at a time in float64 without
+  forming U (:mod:`subspaces`). Iso-CTS's task-specific SVDs (d ≪ r) may be randomized and checked.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import Any
 from .base import Operands, Operator, Param
 from .checks import interval
 from .subspaces import (
+    Spectrum,
     concat_triplets,
     frobenius,
     host_sum,
@@ -57,13 +59,19 @@ from .subspaces import (
     largest,
     mean_task_vector_merge,
     noise_floor,
-    partial_isometry,
+    polar_factors,
     rank_above,
     sketch_generator,
+    spectrum,
+    svd_work,
+    svd_workspace,
     task_matrix,
+    top_triplets,
     truncated_svd,
-    write_matrix_merge,
+    write_base,
     write_nonfinite,
+    write_polar_merge,
+    write_product,
 )
 from .tsv import ALPHA
 
@@ -84,9 +92,9 @@ def _task_sum(operands: Operands[Any], base: Any) -> tuple[Any, bool]:
     return total, math.isfinite(frobenius(operands.backend, total))
 
 
-def _summed_svd(operands: Operands[Any], name: str) -> tuple[Any, Any, Any, Any, int] | None:
-    """What both methods start from: the base matrix, the SVD of Σ_i τ_i and its numerical rank; or None
-    when the tensor is already written (not a matrix: the mean task vector; non-finite: NaN)."""
+def _summed(operands: Operands[Any], name: str) -> tuple[Any, Any, Spectrum, int] | None:
+    """What both methods start from: the base matrix, Σ_i τ_i, its spectrum and its numerical rank; or
+    None when the tensor is already written (not a matrix: the mean task vector; non-finite: NaN)."""
     if operands.base is None:
         raise ValueError(f"{name} needs a base tensor")
     backend = operands.backend
@@ -98,38 +106,38 @@ def _summed_svd(operands: Operands[Any], name: str) -> tuple[Any, Any, Any, Any,
     if not finite:
         write_nonfinite(operands, base)
         return None
-    u, s, vh = backend.svd(total)
-    floor = noise_floor(total, largest(backend, s))
-    return base, u, s, vh, rank_above(backend, s, floor)
+    found = spectrum(backend, total)
+    s = found[0]
+    return base, total, found, rank_above(backend, s, noise_floor(total, largest(backend, s)))
 
 
-def _isotropic(operands: Operands[Any], base: Any, u: Any, s: Any, vh: Any, rank: int) -> None:
-    """θ_b + α·σ̄·U_r V_rᵀ over the top ``rank`` components (the base alone for rank 0)."""
-    alpha = float(operands.params["alpha"])
+def _isotropic(operands: Operands[Any], base: Any, total: Any, found: Spectrum, rank: int) -> None:
+    """θ_b + α·σ̄·U_r V_rᵀ over the top ``rank`` components of Σ_i τ_i (the base alone for rank 0)."""
     if rank == 0:
-        write_matrix_merge(operands, base, None, alpha)
+        write_base(operands, base)
         return
-    mean = host_sum(operands.backend, s[:rank]) / rank
-    write_matrix_merge(operands, base, operands.backend.matmul(u[:, :rank], vh[:rank]), alpha * mean)
+    mean = host_sum(operands.backend, found[0][:rank]) / rank
+    left, right = polar_factors(operands.backend, total, rank, found)
+    write_product(operands, base, left, right, float(operands.params["alpha"]) * mean)
 
 
 def iso_c_merge(operands: Operands[Any]) -> None:
-    found = _summed_svd(operands, "iso_c")
+    found = _summed(operands, "iso_c")
     if found is not None:
         _isotropic(operands, *found)
 
 
 def iso_cts_merge(operands: Operands[Any]) -> None:
-    found = _summed_svd(operands, "iso_cts")
+    found = _summed(operands, "iso_cts")
     if found is None:
         return
-    base, u, s, vh, rank = found
+    base, total, spectrum_of_total, rank = found
     backend, count = operands.backend, len(operands.sources)
     common, specific = subspace_sizes(min(operands.shape), count, float(operands.params["common_space_fraction"]))
     common = min(common, rank)
-    u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
     triplets = []
     if specific > 0:
+        u_c, s_c, vh_c = top_triplets(backend, total, common, found=spectrum_of_total)
         generator = sketch_generator(operands)
         for index in range(count):  # one task matrix in memory at a time
             tau = task_matrix(operands, index, base)
@@ -138,12 +146,12 @@ def iso_cts_merge(operands: Operands[Any]) -> None:
             triplets.append(truncated_svd(backend, tau, specific, generator, task_floor))
             del tau
     if not any(t[1].shape[0] for t in triplets):  # no task-specific directions: Iso-C over the common ones
-        _isotropic(operands, base, u, s, vh, common)
+        _isotropic(operands, base, total, spectrum_of_total, common)
         return
+    del total
     u, s, vh = concat_triplets(backend, [*triplets, (u_c, s_c, vh_c)])
     mean = host_sum(backend, s) / s.shape[0]
-    delta = backend.matmul(partial_isometry(backend, u), partial_isometry(backend, vh))
-    write_matrix_merge(operands, base, delta, float(operands.params["alpha"]) * mean)
+    write_polar_merge(operands, base, u, None, vh, float(operands.params["alpha"]) * mean)
 
 
 ISO_C = Operator(
@@ -155,6 +163,8 @@ ISO_C = Operator(
     summary="Per matrix: the sum of task matrices with every singular value set to their mean.",
     paper="https://arxiv.org/abs/2502.04959",
     memory="whole",
+    work=svd_work,
+    workspace=svd_workspace,
 )
 
 ISO_CTS = Operator(
@@ -174,4 +184,6 @@ ISO_CTS = Operator(
     summary="Iso-C over common plus per-task subspaces: orthogonalised singular vectors, equal singular values.",
     paper="https://arxiv.org/abs/2502.04959",
     memory="whole",
+    work=svd_work,
+    workspace=svd_workspace,
 )

@@ -19,51 +19,110 @@ https://doi.org/10.1002/cpa.3160300502 ; Buss & Fillmore 2001, https://doi.org/1
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from .base import Operands, Operator, Param
 from .checks import interval
-from .reductions import flat_dot, flat_norm
+from .reductions import blocks
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished iteration as scalars: the log map's terms (input index, cos φ_i, α φ_i/sin φ_i), ‖T‖ and
+    the norm of the exponential map's result (None: it was not normalised)."""
+
+    terms: tuple[tuple[int, float, float], ...]
+    tangent_norm: float
+    norm: float | None
 
 
 def karcher_merge(operands: Operands[Any]) -> None:
-    """The module docstring's iteration on the whole flattened tensor (every step takes norms over all of it)."""
-    backend, whole = operands.backend, slice(0, operands.numel)
-    if len(operands.sources) == 1:
-        operands.out.write(whole, operands.sources[0].read(whole))
+    """The module docstring's iteration, streamed. Each step needs norms and inner products over the whole
+    tensor, so it is a pass over slices (blocked sums, :mod:`reductions`: the bits of whole-tensor sums);
+    u is never held whole but formed again on each slice from the inputs and the finished steps' scalars,
+    which repeats the same per-entry operations, so the result has the bits of the whole-tensor iteration."""
+    backend, sources = operands.backend, operands.sources
+    if len(sources) == 1:
+        for part in operands.chunks():
+            operands.out.write(part, sources[0].read(part))
         return
     max_iter = int(operands.params["max_iter"])
     tol = float(operands.params["tol"])
-    xs = [source.read(whole) for source in operands.sources]
-    norms = [flat_norm(backend, x) for x in xs]
-    valid = [(x / n) for x, n in zip(xs, norms, strict=True) if n > tol]
+
+    squares = [0.0] * len(sources)
+    for part in blocks(operands.numel):
+        squares = [sq + backend.total(x * x) for x, sq in zip((s.read(part) for s in sources), squares, strict=True)]
+    norms = [math.sqrt(sq) for sq in squares]
+    valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
-        operands.out.write(whole, backend.zeros_like(xs[0]))
+        for part in operands.chunks():
+            operands.out.write(part, backend.zeros_like(sources[0].read(part)))
         return
     alpha = 1.0 / len(valid)
 
-    u = sum((alpha * v for v in valid), backend.zeros_like(xs[0]))
-    u_norm = flat_norm(backend, u)
-    u = backend.copy(valid[0]) if u_norm < tol else u / u_norm
+    def units(part: slice) -> dict[int, Any]:
+        return {i: sources[i].read(part) / norms[i] for i in valid}
+
+    def start(vs: dict[int, Any]) -> Any:
+        return sum((alpha * v for v in vs.values()), backend.zeros_like(vs[valid[0]]))
+
+    start_square = 0.0
+    for part in blocks(operands.numel):
+        u = start(units(part))
+        start_square = start_square + backend.total(u * u)
+    start_norm = math.sqrt(start_square)
+    steps: list[Step] = []
+
+    def tangent_of(vs: dict[int, Any], u: Any, terms: tuple[tuple[int, float, float], ...]) -> Any:
+        tangent = backend.zeros_like(u)
+        for i, cos_phi, coefficient in terms:
+            tangent += coefficient * (vs[i] - cos_phi * u)
+        return tangent
+
+    def moved(u: Any, tangent: Any, tangent_norm: float) -> Any:
+        return math.cos(tangent_norm) * u + (math.sin(tangent_norm) / tangent_norm) * tangent
+
+    def current(part: slice) -> tuple[dict[int, Any], Any]:
+        """The unit inputs and u after the finished steps, on one slice."""
+        vs = units(part)
+        u = backend.copy(vs[valid[0]]) if start_norm < tol else start(vs) / start_norm
+        for step in steps:
+            u = moved(u, tangent_of(vs, u, step.terms), step.tangent_norm)
+            if step.norm is not None:
+                u = u / step.norm
+        return vs, u
 
     for _ in range(max_iter):
-        tangent = backend.zeros_like(u)
-        for v in valid:
-            cos_phi = min(1.0, max(-1.0, flat_dot(backend, u, v)))
+        dots = [0.0] * len(valid)
+        for part in blocks(operands.numel):
+            vs, u = current(part)
+            dots = [d + backend.total(u * vs[i]) for i, d in zip(valid, dots, strict=True)]
+        terms = []
+        for i, dot in zip(valid, dots, strict=True):
+            cos_phi = min(1.0, max(-1.0, dot))
             phi = math.acos(cos_phi)
-            if phi < tol:
-                continue
-            tangent += (alpha * phi / math.sin(phi)) * (v - cos_phi * u)
-        t_norm = flat_norm(backend, tangent)
-        if t_norm < tol:
+            if phi >= tol:
+                terms.append((i, cos_phi, alpha * phi / math.sin(phi)))
+        tangent_square = 0.0
+        for part in blocks(operands.numel):
+            vs, u = current(part)
+            tangent = tangent_of(vs, u, tuple(terms))
+            tangent_square = tangent_square + backend.total(tangent * tangent)
+        tangent_norm = math.sqrt(tangent_square)
+        if tangent_norm < tol:
             break
-        u = math.cos(t_norm) * u + (math.sin(t_norm) / t_norm) * tangent
-        u_norm = flat_norm(backend, u)
-        if u_norm > tol:
-            u = u / u_norm
+        moved_square = 0.0
+        for part in blocks(operands.numel):
+            vs, u = current(part)
+            u = moved(u, tangent_of(vs, u, tuple(terms)), tangent_norm)
+            moved_square = moved_square + backend.total(u * u)
+        moved_norm = math.sqrt(moved_square)
+        steps.append(Step(tuple(terms), tangent_norm, moved_norm if moved_norm > tol else None))
 
     scale = sum(norms) / len(norms)
-    operands.out.write(whole, scale * u)
+    for part in operands.chunks():
+        operands.out.write(part, scale * current(part)[1])
 
 
 KARCHER = Operator(
@@ -77,5 +136,4 @@ KARCHER = Operator(
     min_models=1,
     summary="Riemannian (Karcher) mean of the inputs' directions, scaled by their mean norm.",
     paper="https://doi.org/10.1002/cpa.3160300502",
-    memory="whole",
 )

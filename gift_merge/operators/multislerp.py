@@ -32,7 +32,7 @@ from gift_merge.errors import GiftMergeError
 
 from .base import Operands, Operator, Param
 from .checks import WEIGHT, interval
-from .reductions import flat_dot, flat_norm
+from .reductions import blocks
 
 
 def check_multislerp(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> str | None:
@@ -43,42 +43,82 @@ def check_multislerp(params: Mapping[str, Any], model_params: Sequence[Mapping[s
 
 
 def multislerp_merge(operands: Operands[Any]) -> None:
-    """The module docstring's formula on the whole flattened tensor (its norms span all of it)."""
-    backend, whole = operands.backend, slice(0, operands.numel)
-    base = operands.base.read(whole) if operands.base is not None else None
-    if len(operands.sources) == 1:
-        operands.out.write(whole, operands.sources[0].read(whole))
+    """The module docstring's formula, streamed: each norm and inner product spans the whole tensor, so it
+    is a pass over slices (blocked sums, :mod:`reductions`: the bits of one whole-tensor sum), and every
+    pass forms the same per-entry values again from the inputs instead of holding a tensor-sized buffer."""
+    backend, sources, base = operands.backend, operands.sources, operands.base
+    if len(sources) == 1:
+        for part in operands.chunks():
+            operands.out.write(part, sources[0].read(part))
         return
     eps = float(operands.params["eps"])
-    xs = [source.read(whole) if base is None else source.read(whole) - base for source in operands.sources]
     weights = [float(mp["weight"]) for mp in operands.model_params]
     if operands.params["normalize_weights"]:
         total = sum(weights)
         weights = [w / total for w in weights]
 
-    norms = [flat_norm(backend, x) for x in xs]
-    units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
-    mean = sum((w * u for w, u in zip(weights, units, strict=True)), backend.zeros_like(xs[0]))
-    mean_norm = flat_norm(backend, mean)
+    def inputs(part: slice) -> tuple[Any, list[Any]]:
+        """The base's slice (or None) and the x_i of one slice."""
+        b = base.read(part) if base is not None else None
+        return b, [source.read(part) if b is None else source.read(part) - b for source in sources]
+
+    def units_and_mean(xs: list[Any]) -> tuple[list[Any], Any]:
+        units = [x / (n + eps) for x, n in zip(xs, norms, strict=True)]
+        return units, sum((w * u for w, u in zip(weights, units, strict=True)), backend.zeros_like(xs[0]))
+
+    squares = [0.0] * len(sources)  # pass 1: ‖x_i‖
+    for part in blocks(operands.numel):
+        xs = inputs(part)[1]
+        squares = [sq + backend.total(x * x) for x, sq in zip(xs, squares, strict=True)]
+    norms = [math.sqrt(sq) for sq in squares]
+
+    mean_square = 0.0  # pass 2: ‖m‖
+    for part in blocks(operands.numel):
+        mean = units_and_mean(inputs(part)[1])[1]
+        mean_square = mean_square + backend.total(mean * mean)
+    mean_norm = math.sqrt(mean_square)
     if mean_norm < eps:
-        if len(xs) != 2:
+        if len(sources) != 2:
             raise GiftMergeError(
                 f"multislerp: the weighted mean direction of {operands.tensor_name or 'a tensor'} is zero "
                 "(antipodal inputs whose weights cancel); change the weights"
             )
-        out = weights[0] * xs[0] + weights[1] * xs[1]
-        operands.out.write(whole, out if base is None else base + out)
+        for part in operands.chunks():
+            b, xs = inputs(part)
+            out = weights[0] * xs[0] + weights[1] * xs[1]
+            operands.out.write(part, out if b is None else b + out)
         return
-    mean = mean / mean_norm
 
-    tangent = backend.zeros_like(mean)
-    for w, u in zip(weights, units, strict=True):
-        tangent += w * (u - flat_dot(backend, u, mean) * mean)
-    angle = flat_norm(backend, tangent) + eps
-    direction = mean * math.cos(angle) + tangent * (math.sin(angle) / angle)
+    def direction_parts(part: slice) -> tuple[Any, list[Any], Any]:
+        """The base's slice, the u_i and m̂ of one slice."""
+        b, xs = inputs(part)
+        units, mean = units_and_mean(xs)
+        return b, units, mean / mean_norm
+
+    along = [0.0] * len(sources)  # pass 3: ⟨u_i, m̂⟩
+    for part in blocks(operands.numel):
+        _, units, mean = direction_parts(part)
+        along = [a + backend.total(u * mean) for u, a in zip(units, along, strict=True)]
+
+    def tangent_of(units: list[Any], mean: Any) -> Any:
+        tangent = backend.zeros_like(mean)
+        for w, u, a in zip(weights, units, along, strict=True):
+            tangent += w * (u - a * mean)
+        return tangent
+
+    tangent_square = 0.0  # pass 4: ‖T‖
+    for part in blocks(operands.numel):
+        _, units, mean = direction_parts(part)
+        tangent = tangent_of(units, mean)
+        tangent_square = tangent_square + backend.total(tangent * tangent)
+    angle = math.sqrt(tangent_square) + eps
     scale = sum(w * n for w, n in zip(weights, norms, strict=True))
-    out = direction * scale
-    operands.out.write(whole, out if base is None else base + out)
+
+    for part in operands.chunks():  # pass 5: the exponential map, scaled
+        b, units, mean = direction_parts(part)
+        direction = mean * math.cos(angle) + tangent_of(units, mean) * (math.sin(angle) / angle)
+        out = direction * scale
+        operands.out.write(part, out if b is None else b + out)
 
 
 MULTISLERP = Operator(
@@ -93,6 +133,5 @@ MULTISLERP = Operator(
     min_models=1,
     summary="Weighted spherical mean of several models, or of their task vectors over a base.",
     paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    memory="whole",
     check=check_multislerp,
 )

@@ -18,37 +18,128 @@ Wan et al., "FuseChat: Knowledge Fusion of Chat Models", https://arxiv.org/abs/2
   ω < 1e-6 agrees. Here only a zero divisor (no agreeing model, so a zero numerator) is replaced by 1.
 
 The sign election is on the unweighted τ_i, unlike TIES' on the weighted deltas (:mod:`consensus`), so it
-is written here. The tensor is read whole: the variance selection and the energies span all of it.
+is written here. The selection ranks var with the tie order of :mod:`selection` (equal variances kept in
+index order; a NaN variance is never kept, as there).
+
+Passes over slices of the inputs, τ_i and var formed again in each: (select) the k-th largest var, found on
+one var buffer while it fits the job's share of the memory budget (:meth:`~.base.Operands.cuts_fit`), else
+by radix passes over var's float bits (:func:`~gift_merge.engine.selection.streamed_kth_largest`), the same
+value either way; (calculate) mean(τ_i²) as the float64 sum of the float64 sums of the summation blocks
+(:mod:`reductions`) over N, so it has the same bits however the tensor is sliced (before streaming it was
+one pairwise float64 mean of the whole tensor: ω may differ in its last place, which rarely moves an output
+bit); (erase) the mix, slice by slice.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from gift_merge.engine.selection import HISTOGRAM_BINS, streamed_kth_largest
+
+from . import gta
 from .base import Operands, Operator, Param
 from .checks import INT8_MASK, interval
-from .selection import top_k
+from .gta import ThresholdCut, empty_cut
+from .reductions import blocks
+
+if TYPE_CHECKING:
+    from gift_merge.engine.backend import Backend
 
 
 def sce_merge(operands: Operands[Any]) -> None:
     if operands.base is None:
         raise ValueError("sce needs a base tensor")
-    backend, whole = operands.backend, slice(0, operands.numel)
-    base = operands.base.read(whole)
-    taus = [source.read(whole) - base for source in operands.sources]
-    n = len(taus)
+    if operands.numel == 0:
+        return
     select_topk = float(operands.params["select_topk"])
-    if select_topk < 1:  # select
-        mean = sum(taus[1:], backend.copy(taus[0])) / n
-        var = sum(((t - mean) ** 2 for t in taus), backend.zeros_like(mean)) / n  # population variance
-        keep = top_k(backend, var, int(backend.count(var) * select_topk))
-        taus = [backend.where(keep, t, 0.0) for t in taus]
+    keep = variance_cut(operands, select_topk) if select_topk < 1 else None  # select
+    omega = weights(operands, keep)  # calculate
+    for part in operands.chunks():  # erase and mix; the last pass takes ``keep`` itself
+        base, taus = _slice(operands, part, keep)
+        operands.out.write(part, base + _erase_and_mix(operands.backend, base, taus, omega))
 
-    energy = [backend.mean64(t**2) for t in taus]  # calculate
+
+def _taus(operands: Operands[Any], part: slice) -> tuple[Any, list[Any]]:
+    """One slice of the base and of every τ_i."""
+    assert operands.base is not None
+    base = operands.base.read(part)
+    return base, [source.read(part) - base for source in operands.sources]
+
+
+def _slice(operands: Operands[Any], part: slice, keep: ThresholdCut | None) -> tuple[Any, list[Any]]:
+    """One slice of the base and of every τ_i, the selection applied (slices in index order)."""
+    base, taus = _taus(operands, part)
+    if keep is not None:
+        kept = keep.keep(operands.backend, variance(operands.backend, taus))
+        taus = [operands.backend.where(kept, t, 0.0) for t in taus]
+    return base, taus
+
+
+def variance(backend: Backend, taus: list[Any]) -> Any:
+    """The population variance of the τ_i at each entry of a slice."""
+    n = len(taus)
+    mean = sum(taus[1:], backend.copy(taus[0])) / n
+    return sum(((t - mean) ** 2 for t in taus), backend.zeros_like(mean)) / n
+
+
+def variance_cut(operands: Operands[Any], select_topk: float) -> ThresholdCut | None:
+    """The cut keeping the k largest variances (as :func:`~.selection.top_k`), or None to keep every entry.
+    A fresh copy serves each pass: it counts its ties as the slices go by."""
+    backend, numel = operands.backend, operands.numel
+    wide = variance(backend, _taus(operands, slice(0, 1))[1]).dtype.itemsize != 4
+    if operands.cuts_fit() or wide:  # float64 values stay on a buffer: the radix passes read float32 bits
+        var = backend.empty(numel, "float64" if wide else "float32")
+        for part in operands.chunks():
+            var[part] = variance(backend, _taus(operands, part)[1])
+        k = int(backend.count(var) * select_topk)
+        if k <= 0 or k >= numel:
+            return _keep_all_or_none(k)
+        threshold, above = backend.kth_largest_and_count(var, k, in_place=True)  # nothing reads var after
+        return ThresholdCut(threshold, k - above, None)
+    nonzero = 0
+
+    def histogram(high: int | None) -> np.ndarray:
+        nonlocal nonzero
+        counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+        for part in operands.chunks(gta.HISTOGRAM_SLICE):
+            var = variance(backend, _taus(operands, part)[1])
+            if high is None:
+                nonzero += backend.count(var)
+            counts += backend.bit_histogram(backend.abs(var), high)  # abs: a NaN may carry a sign bit
+        return counts
+
+    high = histogram(None)  # the first radix pass counts the non-zero variances too
+    k = int(nonzero * select_topk)
+    if k <= 0 or k >= numel:
+        return _keep_all_or_none(k)
+    threshold, above = streamed_kth_largest(lambda bits: high if bits is None else histogram(bits), k)
+    return ThresholdCut(threshold, k - above, None)
+
+
+def _keep_all_or_none(k: int) -> ThresholdCut | None:
+    """The cut for k ≤ 0 (nothing kept, not even a NaN variance) or k ≥ N (everything, NaNs too)."""
+    return empty_cut() if k <= 0 else None
+
+
+def weights(operands: Operands[Any], keep: ThresholdCut | None) -> list[float]:
+    """ω_i: each mean(τ_i²) as a blocked float64 sum over N, normalised (uniform when all are 0)."""
+    backend, n = operands.backend, len(operands.sources)
+    cut = copy.copy(keep)  # it counts its ties as it goes: the mix pass needs them again
+    sums = [0.0] * n
+    for part in blocks(operands.numel):
+        for i, tau in enumerate(_slice(operands, part, cut)[1]):
+            sums[i] += backend.total(backend.astype(tau**2, "float64"))
+    energy = [s / operands.numel for s in sums]
     total = sum(energy)
-    omega = [e / total for e in energy] if total > 0 else [1.0 / n] * n
+    return [e / total for e in energy] if total > 0 else [1.0 / n] * n
 
-    sum_of_taus = backend.copy(taus[0])  # erase: σ = +1 where Σ τ_i ≥ 0, m_i = [sign τ_i = σ]
+
+def _erase_and_mix(backend: Backend, base: Any, taus: list[Any], omega: list[float]) -> Any:
+    """Σ_i ω_i m_i τ_i / Σ_i ω_i m_i for one slice (σ elected on the unweighted τ_i)."""
+    sum_of_taus = backend.copy(taus[0])
     for tau in taus[1:]:
         sum_of_taus += tau
     sigma = backend.where(sum_of_taus >= 0, 1.0, -1.0)
@@ -58,7 +149,7 @@ def sce_merge(operands: Operands[Any]) -> None:
         mixed += backend.where(agrees, tau * weight, 0.0)
         divisor += backend.astype(agrees, divisor.dtype) * weight
     divisor[divisor == 0] = 1
-    operands.out.write(whole, base + mixed / divisor)
+    return mixed / divisor
 
 
 SCE = Operator(
@@ -77,5 +168,5 @@ SCE = Operator(
     min_models=1,
     summary="Keep high-variance positions, weight models by delta energy, TIES-style sign erase and mean.",
     paper="https://arxiv.org/abs/2408.07990",
-    memory="whole",
+    memory="stream_cuts",
 )

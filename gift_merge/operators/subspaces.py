@@ -2,10 +2,21 @@
 the partial isometry (orthogonal polar factor) and the task-arithmetic path of every other tensor.
 
 An SVD merge computes each 2-D weight matrix on its own, one output tensor per job: its inputs are read
-whole (a task matrix τ_i = θ_i − θ_b is formed one model at a time where the method allows), decomposed in
-the math dtype (float32, float64 for float64 inputs) and the result written once. Every product,
-decomposition and concatenation goes through the backend, which on the CPU (numpy, and torch on the CPU)
-calls LAPACK/BLAS through numpy with C-contiguous operands, so both CPU backends write the same bytes.
+whole (a task matrix τ_i = θ_i − θ_b is formed one model at a time where the method allows), decomposed
+and the result written a block of rows at a time. Every product, decomposition and concatenation goes
+through the backend, which on the CPU (numpy, and torch on the CPU) calls LAPACK/BLAS through numpy with
+C-contiguous operands, so both CPU backends write the same bytes.
+
+Small side. A float32 matrix x (m, n) is decomposed in its small dimension c = min(m, n): the float64
+Gram matrix xᵀx (xxᵀ for a wide x; products of float32 entries are exact in float64, summed over fixed
+blocks of rows) has eigenvalues σ_j² and eigenvectors v_j, and the large side's vectors are
+u_j = x·v_j/σ_j, formed in float64. A polar factor is never formed whole: polar(x) = x·(V_ρ S_ρ⁻¹ V_ρᵀ),
+and a merge's Δ is the product of a factor it has in hand with a (p, n) matrix, written a block of rows at
+a time. That is BLAS-3 work of about m·n·c per Gram matrix or product, several times less than LAPACK's
+SVD of the tall matrix (which also forms all of U) and the only step as large as the tensor. The float64
+Gram matrix resolves singular values down to about √ε₆₄·σ_1 (1.5·10⁻⁸·σ_1), well below the float32 noise
+floor, so it keeps and drops the same components as an SVD of x in float64 would. Float64 inputs (whose
+floor is below that reach) take LAPACK's SVD of x.
 
 Numerical rank. A singular value at or below the noise floor
 
@@ -26,12 +37,12 @@ Partial isometry. ``polar(X) = U_ρ V_ρᵀ`` over the ρ singular values above 
 with orthonormal columns (rows, for a wide X) to X when X has full rank, which is how TSV and Iso-CTS
 orthogonalise concatenated singular vectors (``U Vᵀ`` of an SVD); on a rank-deficient X only its range.
 
-Truncated SVD. The top k components come from a full SVD unless k is small next to the matrix, where a
+Truncated SVD. The top k components come from the small side unless k is small next to the matrix, where a
 randomized SVD (Halko, Martinsson & Tropp 2011, https://arxiv.org/abs/0909.4061: a Gaussian sketch, power
 iterations, then the SVD of X restricted to the subspace found) is several times cheaper, and is checked:
 subspace iterations continue until every kept triplet satisfies Xᵀu_j ≈ σ_j v_j to ``RESIDUAL_TOLERANCE``
 (about ten float32 ε; a full SVD's own residual is about one), and an X that does not get there within
-``MAX_REFINEMENTS`` iterations, or whose spectrum around σ_k is too flat to, takes the full SVD. (An
+``MAX_REFINEMENTS`` iterations, or whose spectrum around σ_k is too flat to, takes the small side. (An
 energy check, as ``gift_merge.extract.svd`` uses for LoRA extraction, is not enough here: TSV and Iso-CTS
 use the singular vectors themselves, each at unit weight, not just the rank-k approximation.) The sketch
 is drawn on the CPU from a generator seeded by the tensor's name alone (:func:`sketch_generator`), so a
@@ -41,8 +52,9 @@ recipe's seed: it approximates a deterministic quantity, so the methods are not 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,7 +66,7 @@ if TYPE_CHECKING:
     from gift_merge.engine.backend import Backend
 
 RANDOMIZED_FROM = 512
-"""Matrices with fewer rows or columns than this always take the full SVD (under 0.1 s on one core)."""
+"""Matrices with fewer rows or columns than this always take the small-side decomposition."""
 
 RANDOMIZED_MAX_FRACTION = 0.25
 """The randomized SVD is tried only when rank + oversampling ≤ this fraction of min(m, n): on 4096 × 4096
@@ -65,7 +77,7 @@ POWER_ITERATIONS = 2
 """Power iterations before the first convergence check."""
 
 MAX_REFINEMENTS = 6
-"""Further subspace iterations, each followed by the check, before falling back to the full SVD."""
+"""Further subspace iterations, each followed by the check, before falling back to the small side."""
 
 RESIDUAL_TOLERANCE = 1e-6
 """Converged when ‖xᵀ·U_k − V_k·diag(S_k)‖_F ≤ this · σ_1 · √k (a full float32 SVD's is ~1e-7)."""
@@ -73,10 +85,33 @@ RESIDUAL_TOLERANCE = 1e-6
 SKETCH_SEED = 0
 """The seed, with the tensor's name, of the randomized SVD's Gaussian sketch (see the module docstring)."""
 
+BLOCK_ENTRIES = 1 << 20
+"""Entries of each block of rows that a Gram matrix or a product is formed in, in float64: 8 MB, so a block
+converts in the cache, and enough rows for BLAS to run at full speed."""
+
 
 def oversampling(rank: int) -> int:
     """Extra sketch columns: more of them make power iterations converge faster on flat spectra."""
     return max(10, rank // 2)
+
+
+def svd_work(shape: tuple[int, ...]) -> float:
+    """Units an SVD merge's time is proportional to: m·n·min(m, n) for a matrix (its Gram matrices and
+    products with them), the entries of any other tensor (the mean task vector)."""
+    count = math.prod(shape)
+    return float(count * min(shape)) if is_matrix(shape) else float(count)
+
+
+def svd_workspace(shape: tuple[int, ...]) -> int:
+    """Bytes an SVD merge allocates for one matrix beyond its whole float32 inputs: the large factor (U of a
+    tall matrix, Vh of a wide one) in float32; for a wide matrix the float64 right-hand side of the last
+    product and the float64 copy it is formed from; and about six float64 (c, c) arrays, c = min(m, n):
+    the Gram matrix, its eigenvectors, LAPACK's eigh workspace and the small products."""
+    if not is_matrix(shape):
+        return 0
+    rows, cols = shape
+    small = min(rows, cols)
+    return 4 * rows * cols + (16 * rows * cols if rows < cols else 0) + 48 * small * small
 
 
 def is_matrix(shape: Sequence[int]) -> bool:
@@ -133,14 +168,15 @@ def truncated_svd(
     U (m, j), S (j,), Vh (j, n), j ≤ k."""
     rows, cols = x.shape
     k = min(k, rows, cols)
-    factors = None
     if min(rows, cols) >= RANDOMIZED_FROM and k + oversampling(k) <= RANDOMIZED_MAX_FRACTION * min(rows, cols):
         factors = randomized_svd(backend, x, k, generator, floor)
-    u, s, vh = factors if factors is not None else backend.svd(x)
-    if floor is None:
-        floor = noise_floor(x, largest(backend, s))
-    keep = min(k, rank_above(backend, s, floor))
-    return u[:, :keep], s[:keep], vh[:keep]
+        if factors is not None:
+            u, s, vh = factors
+            if floor is None:
+                floor = noise_floor(x, largest(backend, s))
+            keep = min(k, rank_above(backend, s, floor))
+            return u[:, :keep], s[:keep], vh[:keep]
+    return top_triplets(backend, x, k, floor)
 
 
 def randomized_svd(
@@ -153,7 +189,7 @@ def randomized_svd(
     x·Z = U·diag(S)·Wᵀ gives x·v_j = σ_j·u_j with V = Z·W. The check is the other half of that identity,
     ‖xᵀ·U_k − V_k·diag(S_k)‖_F ≤ ``RESIDUAL_TOLERANCE``·σ_1·√k, and xᵀ·U is also the next iteration's
     subspace (Z ← qr(xᵀ·U)). Iteration j shrinks the residual by about (σ_q/σ_k)² per step; when that
-    rate cannot reach the tolerance in the iterations left (a flat spectrum around σ_k), the full SVD is
+    rate cannot reach the tolerance in the iterations left (a flat spectrum around σ_k), the small side is
     cheaper, so this gives up at once.
     """
     rows, cols = x.shape
@@ -182,11 +218,115 @@ def randomized_svd(
     return None
 
 
-def partial_isometry(backend: Backend, x: Any) -> Any:
-    """polar(x) = U_ρ·V_ρᵀ over the singular values above the noise floor (module docstring)."""
-    u, s, vh = backend.svd(x)
-    rank = rank_above(backend, s, noise_floor(x, largest(backend, s)))
-    return backend.matmul(u[:, :rank], vh[:rank])
+def _tall(x: Any) -> Any:
+    """``x`` with at least as many rows as columns: itself, or its transpose (a view)."""
+    return x if x.shape[0] >= x.shape[1] else x.T
+
+
+def _row_blocks(rows: int, cols: int) -> Iterator[slice]:
+    """Blocks of :data:`BLOCK_ENTRIES` entries' worth of whole rows: the order every float64 sum and
+    product over rows takes, whatever else runs."""
+    step = max(1, BLOCK_ENTRIES // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _product(backend: Backend, x: Any, right: Any, dtype: Any) -> Any:
+    """``x @ right`` in float64 (``right`` float64), a block of rows of ``x`` at a time, in ``dtype``."""
+    rows = x.shape[0]
+    out = backend.empty(rows * right.shape[1], _dtype_name(dtype)).reshape(rows, right.shape[1])
+    for block in _row_blocks(*x.shape):
+        out[block] = backend.astype(backend.matmul(backend.astype(x[block], "float64"), right), dtype)
+    return out
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A numpy or torch dtype as the backend's ``empty`` names it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def spectrum(backend: Backend, x: Any) -> tuple[Any, Any, Any | None]:
+    """x's singular values σ (descending, float64), its singular vectors on the small side as the columns
+    of a (c, c) float64 array (c = min(m, n): V for a tall x, U for a wide one), and those on the large
+    side where the decomposition gives them (float64 inputs), else None (module docstring: small side)."""
+    tall = _tall(x)
+    if machine_epsilon(x) < float(np.finfo(np.float32).eps):  # float64: the noise floor is below the Gram's reach
+        u, s, vh = backend.svd(tall)
+        return s, vh.T, u
+    gram: Any = None
+    for block in _row_blocks(*tall.shape):
+        part = backend.gram(tall[block])
+        gram = part if gram is None else gram + part
+    values, vectors = backend.eigh(gram)
+    return backend.sqrt(backend.maximum(values, 0.0)), vectors, None
+
+
+Spectrum = tuple[Any, Any, Any | None]
+"""What :func:`spectrum` returns: σ, the small side's singular vectors, the large side's or None."""
+
+
+def top_triplets(
+    backend: Backend, x: Any, k: int, floor: float | None = None, found: Spectrum | None = None
+) -> tuple[Any, Any, Any]:
+    """The top ``k`` singular triplets of ``x`` above ``floor`` (x's own noise floor unless given) from its
+    :func:`spectrum` (``found``, else computed): U (m, j), S (j,), Vh (j, n) in x's dtype, j ≤ k. The
+    large side's vectors of a float32 x are x·v_j/σ_j (xᵀ·u_j/σ_j for a wide x), formed in float64."""
+    s, small, large = found if found is not None else spectrum(backend, x)
+    if floor is None:
+        floor = noise_floor(x, largest(backend, s))
+    keep = min(k, rank_above(backend, s, floor))
+    large = (
+        large[:, :keep] if large is not None else _product(backend, _tall(x), small[:, :keep] / s[None, :keep], x.dtype)
+    )
+    small = backend.astype(small[:, :keep], x.dtype)
+    values = backend.astype(s[:keep], x.dtype)
+    return (large, values, small.T) if x.shape[0] >= x.shape[1] else (small, values, large.T)
+
+
+def polar_factors(backend: Backend, x: Any, rank: int | None = None, found: Spectrum | None = None) -> tuple[Any, Any]:
+    """(L, R) with polar(x) = L·R over x's top ``rank`` singular components (those above its noise floor
+    unless given), from its :func:`spectrum` (``found``, else computed): for a float32 x, (x, V·S⁻¹·Vᵀ)
+    when x is tall and (U·S⁻¹·Uᵀ, x) when it is wide, so no (m, n) factor beyond x itself is formed; for a
+    float64 x, LAPACK's (U_ρ, V_ρᵀ)."""
+    s, small, large = found if found is not None else spectrum(backend, x)
+    if rank is None:
+        rank = rank_above(backend, s, noise_floor(x, largest(backend, s)))
+    small = small[:, :rank]
+    tall = x.shape[0] >= x.shape[1]
+    if large is not None:  # polar(X) = U_ρ·V_ρᵀ of the tall X; of x = Xᵀ its transpose
+        large = large[:, :rank]
+        return (large, small.T) if tall else (small, large.T)
+    middle = backend.matmul(small / s[None, :rank], small.T)  # (c, c): S_ρ⁻¹ between the small side's vectors
+    return (x, middle) if tall else (middle, x)
+
+
+def write_product(operands: Operands[Any], base: Any, left: Any, right: Any, scale: float) -> None:
+    """θ = θ_b + scale·(left·right) into the output a block of rows at a time, the product in float64 and
+    rounded once to the math dtype; ``left`` (m, p) and ``right`` (p, n) are whatever the method has in
+    hand (one of them may be as large as the tensor), so Δ itself is never whole in memory."""
+    backend = operands.backend
+    cols = operands.shape[1]
+    right = backend.astype(right, "float64")
+    for block in _row_blocks(*operands.shape):
+        part = slice(block.start * cols, block.stop * cols)
+        delta = backend.matmul(backend.astype(left[block], "float64"), right) * scale
+        values = backend.astype(delta.reshape(-1), base.dtype)
+        values += base[part]
+        operands.out.write(part, values)
+
+
+def write_polar_merge(operands: Operands[Any], base: Any, u: Any, s: Any | None, vh: Any, scale: float) -> None:
+    """θ = θ_b + scale·polar(U)·diag(S)·polar(Vh) (no diag(S) for ``s`` None), U (m, p), Vh (p, n), p ≤
+    min(m, n): TSV's and Iso-CTS' recombination, associated so that the one product as large as the
+    tensor is the last."""
+    backend = operands.backend
+    u_left, u_right = polar_factors(backend, u)
+    v_left, v_right = polar_factors(backend, vh)
+    as64 = functools.partial(backend.astype, dtype="float64")
+    polar_v = backend.matmul(as64(v_left), as64(v_right))  # (p, n)
+    if s is not None:
+        u_right = as64(u_right) * as64(s)[None, :]
+    write_product(operands, base, u_left, backend.matmul(as64(u_right), polar_v), scale)
 
 
 def concat_triplets(backend: Backend, triplets: Sequence[tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
@@ -198,14 +338,10 @@ def concat_triplets(backend: Backend, triplets: Sequence[tuple[Any, Any, Any]]) 
     )
 
 
-def write_matrix_merge(operands: Operands[Any], base: Any, delta: Any | None, scale: float) -> None:
-    """θ = θ_b + scale·Δ into the output a slice at a time; ``delta`` None is a zero Δ (θ = θ_b)."""
-    flat = delta.reshape(-1) if delta is not None else None
+def write_base(operands: Operands[Any], base: Any) -> None:
+    """θ = θ_b (a zero Δ) into the output a slice at a time."""
     for part in operands.chunks():
-        values = operands.backend.copy(base[part]) if flat is None else flat[part] * scale
-        if flat is not None:
-            values += base[part]
-        operands.out.write(part, values)
+        operands.out.write(part, operands.backend.copy(base[part]))
 
 
 def write_nonfinite(operands: Operands[Any], base: Any) -> None:

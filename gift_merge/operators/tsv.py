@@ -31,8 +31,9 @@ Deviations, none of which changes a full-rank matrix with T ≤ r:
   rotate every other task's vectors in the Procrustes step.
 - A matrix with r < T has k = 0: the authors' code writes Δ = 0 (the base, silently dropping every task);
   here it takes the mean-task-vector path like the tensors that are not matrices.
-- The SVD is in the math dtype (float32; float64 for float64 inputs), exact or randomized and checked
-  (:mod:`subspaces`) where k is small next to r.
+- The decompositions are of float32 task matrices in their small dimension, through float64 Gram
+  matrices (float64 inputs: LAPACK's SVD), exact or randomized and checked where k is small next to r,
+  and polar(U)·diag(Σ)·polar(V)ᵀ is formed a block of rows at a time in float64 (:mod:`subspaces`).
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ from .subspaces import (
     frobenius,
     is_matrix,
     mean_task_vector_merge,
-    partial_isometry,
     sketch_generator,
+    svd_work,
+    svd_workspace,
     task_matrix,
     truncated_svd,
-    write_matrix_merge,
+    write_base,
     write_nonfinite,
+    write_polar_merge,
 )
 
 ALPHA = Param("alpha", 1.0, doc="Scale of the merged task matrix (the papers' α).", check=finite("alpha"))
@@ -82,10 +85,9 @@ def tsv_merge(operands: Operands[Any]) -> None:
         del tau
     u, s, vh = concat_triplets(backend, triplets)
     if s.shape[0] == 0:  # every task matrix is zero
-        write_matrix_merge(operands, base, None, alpha)
+        write_base(operands, base)
         return
-    delta = backend.matmul(partial_isometry(backend, u), s[:, None] * partial_isometry(backend, vh))
-    write_matrix_merge(operands, base, delta, alpha)
+    write_polar_merge(operands, base, u, s, vh, alpha)
 
 
 TSV = Operator(
@@ -100,4 +102,6 @@ TSV = Operator(
     summary="Per matrix: each task's top 1/T singular vectors, decorrelated across tasks, then summed.",
     paper="https://arxiv.org/abs/2412.00081",
     memory="whole",
+    work=svd_work,
+    workspace=svd_workspace,
 )

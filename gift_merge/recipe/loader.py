@@ -1,14 +1,17 @@
 """YAML → validated :class:`Recipe`, failing before any tensor is read.
 
 Every unknown key is an error naming its YAML path with a typo hint, unlike mergekit, which ignores
-them; a YAML file is data and never names code to run. mergekit's multi-document recipes (``---``
-separated, ``name:`` on all but the final one) become stages in dependency order. A document with a
-``train:`` section instead of ``merge_method`` trains a GIFT/SFT adapter (the options of ``gift-merge
-train``), which later documents use by the document's name.
+them; a YAML file is data and never names code to run. The one exception is a method's
+``Operator.ignores``: parameters mergekit's own recipes carry for a method that declares none of that
+name (``normalize`` and ``int8_mask`` on ``arcee_fusion``), accepted and dropped with an INFO line.
+mergekit's multi-document recipes (``---`` separated, ``name:`` on all but the final one) become stages
+in dependency order. A document with a ``train:`` section instead of ``merge_method`` trains a GIFT/SFT
+adapter (the options of ``gift-merge train``), which later documents use by the document's name.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,8 @@ SOURCE_KEYS = ("model", "layer_range", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 TRAIN_STAGE_KEYS = ("train", "name", "output")
 _STAGE_DECIDES = ("out", "overwrite")  # a train stage's output is its stage folder, always replaceable
+
+log = logging.getLogger("gift_merge")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -179,6 +184,9 @@ def _parse_parameters(raw: Any, op: Operator, where: str, *, per_model_only: boo
     result: dict[str, Setting] = {}
     for name, value in raw.items():
         param = known.get(name)
+        if param is None and name in op.ignores:
+            log.info("%s.%s: ignored, as mergekit ignores it for %s", where, name, op.name)
+            continue
         if param is None:
             hint = did_you_mean(str(name), known) or (f" ({op.name} takes: {', '.join(known)})" if known else "")
             raise GiftMergeError(f"{where}.{name}: unknown parameter for {op.name}{hint}")

@@ -288,8 +288,30 @@ def test_randomized_svd_gives_way_to_the_full_one_on_a_flat_spectrum() -> None:
     x = np.random.default_rng(4).standard_normal((600, 520)).astype(np.float32)
     assert subspaces.randomized_svd(NUMPY, x, 40, np.random.default_rng(0)) is None
     u, s, vh = subspaces.truncated_svd(NUMPY, x, 40, np.random.default_rng(0))
-    fu, fs, fvh = NUMPY.svd(x)
-    assert np.array_equal(s, fs[:40]) and np.array_equal(u, fu[:, :40]) and np.array_equal(vh, fvh[:40])
+    tu, ts, tvh = subspaces.top_triplets(NUMPY, x, 40)
+    assert np.array_equal(s, ts) and np.array_equal(u, tu) and np.array_equal(vh, tvh)
+    fu, fs, fvh = svd(x.astype(np.float64))
+    np.testing.assert_allclose(s, fs[:40], rtol=1e-6)
+    signs = np.sign(np.sum(u * fu[:, :40], axis=0))  # each singular vector up to its sign
+    np.testing.assert_allclose(u * signs, fu[:, :40], atol=1e-5)
+    np.testing.assert_allclose(vh * signs[:, None], fvh[:40], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(700, 60), (60, 700), (64, 64)], ids=str)
+@pytest.mark.parametrize("kind", ["decay", "lowrank"])
+def test_small_side_decomposition_matches_lapack(shape: tuple[int, int], kind: str) -> None:
+    """The triplets and the polar factor from the float64 Gram matrix of the small side agree with a
+    float64 LAPACK SVD of the float32 matrix; beyond a low rank, float32 rounding noise stays below the floor."""
+    x = spectrum_matrix(np.random.default_rng(8), shape, kind)
+    fu, fs, fvh = svd(x.astype(np.float64))
+    u, s, vh = subspaces.top_triplets(NUMPY, x, 50)
+    j = len(s)
+    assert j == min(50, 30 if kind == "lowrank" else min(shape))
+    np.testing.assert_allclose(s, fs[:j], rtol=1e-6, atol=1e-6 * fs[0])
+    np.testing.assert_allclose((u * s) @ vh, (fu[:, :j] * fs[:j]) @ fvh[:j], atol=1e-6 * fs[0])
+    left, right = subspaces.polar_factors(NUMPY, x)
+    rank = 30 if kind == "lowrank" else min(shape)
+    np.testing.assert_allclose(left.astype(np.float64) @ right, fu[:, :rank] @ fvh[:rank], atol=1e-5)
 
 
 def count_randomized(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
