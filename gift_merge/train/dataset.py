@@ -96,10 +96,13 @@ def load_training_set(
                 f"{config.data}: no scores; pass --instruct MODEL to annotate first, or use --mode sft"
             )
         annotations = annotation_cache(config, data_sha, builder.describe(), dtype)
-        if ranks.is_main and not annotations.exists():
+        annotated = annotations.exists()
+        distributed.barrier(ranks)  # every process decides on the same file state
+        if not annotated:  # every process scores its share of the batches; rank 0 writes the file
             from gift_merge.train.annotation import annotate
 
-            log.info("annotating %s with %s into %s", config.data, config.instruct, annotations)
+            if ranks.is_main:
+                log.info("annotating %s with %s into %s", config.data, config.instruct, annotations)
             annotate(
                 AnnotateConfig(
                     instruct=config.instruct,
@@ -112,9 +115,9 @@ def load_training_set(
                     device=config.device if not ranks.distributed else "auto",
                     dtype=str(dtype).removeprefix("torch."),
                 ),
-                quiet=quiet,
+                quiet=quiet or not ranks.is_main,
+                ranks=ranks,
             )
-        distributed.barrier(ranks)
         source = str(annotations)
         rows = read_jsonl(annotations)
 
