@@ -35,6 +35,13 @@ def _positions(count: int) -> np.ndarray:
     return positions
 
 
+_UNSIGNED: dict[np.dtype, np.dtype] = {
+    np.dtype(np.float32): np.dtype(np.uint32),
+    np.dtype(np.float64): np.dtype(np.uint64),
+}
+"""The unsigned integers float arrays' bits are viewed as for a bitwise select."""
+
+
 class Backend:
     """What a method may call besides Python's arithmetic operators. Arrays are numpy arrays on the CPU
     backend and torch tensors on a device backend; the host side (random bits, selections) is numpy."""
@@ -106,7 +113,24 @@ class Backend:
         return np.maximum(x, floor)
 
     def where(self, mask: Any, a: Any, b: Any) -> Any:
-        return np.where(mask, a, b)
+        """``np.where``'s values, formed on the bits when ``a`` is a float array and ``b`` one of its shape and
+        dtype or a number: ``a & M | b & ~M`` with M all ones where ``mask`` holds. A random mask makes
+        ``np.where`` branch per entry (4–6 ns per float32 entry against 0.25 ns on a 2-core EPYC)."""
+        unsigned = _UNSIGNED.get(a.dtype) if isinstance(a, np.ndarray) else None
+        if unsigned is None or not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != a.shape:
+            return np.where(mask, a, b)
+        if isinstance(b, np.ndarray):
+            if b.dtype != a.dtype or b.shape != a.shape:
+                return np.where(mask, a, b)
+        elif isinstance(b, (int, float)):
+            b = np.array(b, dtype=a.dtype)  # the rounding np.where gives a Python number next to a's dtype
+        else:
+            return np.where(mask, a, b)
+        ones = np.negative(mask.astype(unsigned))  # 1 → all ones, 0 → 0 (unsigned wrap-around)
+        bits = a.view(unsigned) & ones
+        if b.view(unsigned).any():  # +0.0 has no bits to add
+            bits |= b.view(unsigned) & ~ones
+        return bits.view(a.dtype)
 
     # ----------------------------------------------------------------------------------- reductions
     def total(self, x: Any) -> float:

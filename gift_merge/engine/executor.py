@@ -159,6 +159,20 @@ def _say_what_streams(plan: MergePlan, limit: int, memory_budget: int, workers: 
         )  # fmt: skip
 
 
+def _say_what_passes_the_budget(plan: MergePlan, limit: int, memory_budget: int) -> None:
+    """Warn when a tensor's method needs more than the whole budget (the SVD merges hold whole matrices):
+    such a job runs alone, and the merge's private memory is that job's, not the budget."""
+    over = [(MethodEngine.working_set(job, limit), job) for job in plan.jobs]
+    over = [(cost, job) for cost, job in over if cost > memory_budget]
+    if over:
+        cost, job = max(over, key=lambda pair: pair[0])
+        log.warning(
+            "tensor %s: %s needs about %.2f GiB for it, above the %.2f GiB memory budget (%d tensor(s) do): each "
+            "such tensor runs alone, so the merge needs about that much memory",
+            job.name, job.operator, cost / 2**30, memory_budget / 2**30, len(over),
+        )  # fmt: skip
+
+
 ENGINES = ("auto", "numpy", "torch")
 """``auto``: numpy on the CPU wherever it can read a job's tensors, torch for the rest; ``numpy``: all of
 it on numpy, without torch, or an error saying why not; ``torch``: the torch backend for every job."""
@@ -203,6 +217,7 @@ def execute_plan(
     limit = buffer_limit(memory_budget, workers)
     if not quiet:
         _say_what_streams(plan, limit, memory_budget, workers)
+    _say_what_passes_the_budget(plan, limit, memory_budget)
     runner = _Engines(plan, device, seed, engine, watch, limit)
     writer = ShardedWriter(folder, [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs], max_shard_bytes)
     bar = progress(total=plan.output_bytes, unit="B", unit_scale=True, desc=label, quiet=quiet)

@@ -24,7 +24,7 @@ from typing import Any
 
 from .base import Operands, Operator, Param
 from .checks import interval
-from .reductions import blocks
+from .reductions import Held, blocks
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,10 @@ class Step:
 
 def karcher_merge(operands: Operands[Any]) -> None:
     """The module docstring's iteration, streamed. Each step needs norms and inner products over the whole
-    tensor, so it is a pass over slices (blocked sums, :mod:`reductions`: the bits of whole-tensor sums);
-    u is never held whole but formed again on each slice from the inputs and the finished steps' scalars,
-    which repeats the same per-entry operations, so the result has the bits of the whole-tensor iteration."""
+    tensor, so it is a pass over slices (blocked sums, :mod:`reductions`: the bits of whole-tensor sums).
+    While the unit inputs and u fit the job's buffer limit they are held and u is updated in place; beyond
+    it u is formed again on each slice from the inputs and the finished steps' scalars, which repeats the
+    same per-entry operations. Either way the result has the bits of the whole-tensor iteration."""
     backend, sources = operands.backend, operands.sources
     if len(sources) == 1:
         for part in operands.chunks():
@@ -67,12 +68,18 @@ def karcher_merge(operands: Operands[Any]) -> None:
     def start(vs: dict[int, Any]) -> Any:
         return sum((alpha * v for v in vs.values()), backend.zeros_like(vs[valid[0]]))
 
+    held = Held(operands, len(valid) + 1)  # the unit inputs, then u
     start_square = 0.0
     for part in blocks(operands.numel):
-        u = start(units(part))
+        vs = units(part)
+        u = start(vs)
+        held.keep(part, [*vs.values(), u])
         start_square = start_square + backend.total(u * u)
     start_norm = math.sqrt(start_square)
-    steps: list[Step] = []
+    steps: list[Step] = []  # what a slice replays when nothing is held
+    for part in blocks(operands.numel) if held else ():
+        *vs_held, u = held.at(part)
+        held.set(-1, part, backend.copy(vs_held[0]) if start_norm < tol else u / start_norm)
 
     def tangent_of(vs: dict[int, Any], u: Any, terms: tuple[tuple[int, float, float], ...]) -> Any:
         tangent = backend.zeros_like(u)
@@ -85,6 +92,9 @@ def karcher_merge(operands: Operands[Any]) -> None:
 
     def current(part: slice) -> tuple[dict[int, Any], Any]:
         """The unit inputs and u after the finished steps, on one slice."""
+        if held:
+            *vs_held, u = held.at(part)
+            return dict(zip(valid, vs_held, strict=True)), u
         vs = units(part)
         u = backend.copy(vs[valid[0]]) if start_norm < tol else start(vs) / start_norm
         for step in steps:
@@ -116,9 +126,12 @@ def karcher_merge(operands: Operands[Any]) -> None:
         for part in blocks(operands.numel):
             vs, u = current(part)
             u = moved(u, tangent_of(vs, u, tuple(terms)), tangent_norm)
+            held.set(-1, part, u)
             moved_square = moved_square + backend.total(u * u)
         moved_norm = math.sqrt(moved_square)
         steps.append(Step(tuple(terms), tangent_norm, moved_norm if moved_norm > tol else None))
+        for part in blocks(operands.numel) if held and moved_norm > tol else ():
+            held.set(-1, part, held.at(part)[-1] / moved_norm)
 
     scale = sum(norms) / len(norms)
     for part in operands.chunks():

@@ -32,7 +32,7 @@ from gift_merge.errors import GiftMergeError
 
 from .base import Operands, Operator, Param
 from .checks import WEIGHT, interval
-from .reductions import blocks
+from .reductions import Held, blocks
 
 
 def check_multislerp(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> str | None:
@@ -44,8 +44,9 @@ def check_multislerp(params: Mapping[str, Any], model_params: Sequence[Mapping[s
 
 def multislerp_merge(operands: Operands[Any]) -> None:
     """The module docstring's formula, streamed: each norm and inner product spans the whole tensor, so it
-    is a pass over slices (blocked sums, :mod:`reductions`: the bits of one whole-tensor sum), and every
-    pass forms the same per-entry values again from the inputs instead of holding a tensor-sized buffer."""
+    is a pass over slices (blocked sums, :mod:`reductions`: the bits of one whole-tensor sum). While the u_i
+    and m fit the job's buffer limit they are held between passes; beyond it every pass forms the same
+    per-entry values again from the inputs, so either way the bits are the same."""
     backend, sources, base = operands.backend, operands.sources, operands.base
     if len(sources) == 1:
         for part in operands.chunks():
@@ -56,6 +57,7 @@ def multislerp_merge(operands: Operands[Any]) -> None:
     if operands.params["normalize_weights"]:
         total = sum(weights)
         weights = [w / total for w in weights]
+    held = Held(operands, len(sources) + 1)  # the u_i, then m (m̂ after pass 3)
 
     def inputs(part: slice) -> tuple[Any, list[Any]]:
         """The base's slice (or None) and the x_i of one slice."""
@@ -74,7 +76,8 @@ def multislerp_merge(operands: Operands[Any]) -> None:
 
     mean_square = 0.0  # pass 2: ‖m‖
     for part in blocks(operands.numel):
-        mean = units_and_mean(inputs(part)[1])[1]
+        units, mean = units_and_mean(inputs(part)[1])
+        held.keep(part, [*units, mean])
         mean_square = mean_square + backend.total(mean * mean)
     mean_norm = math.sqrt(mean_square)
     if mean_norm < eps:
@@ -89,16 +92,23 @@ def multislerp_merge(operands: Operands[Any]) -> None:
             operands.out.write(part, out if b is None else b + out)
         return
 
-    def direction_parts(part: slice) -> tuple[Any, list[Any], Any]:
-        """The base's slice, the u_i and m̂ of one slice."""
-        b, xs = inputs(part)
-        units, mean = units_and_mean(xs)
-        return b, units, mean / mean_norm
+    def direction_parts(part: slice) -> tuple[list[Any], Any]:
+        """The u_i and m̂ of one slice."""
+        if held:
+            *units, mean_hat = held.at(part)
+            return units, mean_hat
+        units, mean = units_and_mean(inputs(part)[1])
+        return units, mean / mean_norm
 
     along = [0.0] * len(sources)  # pass 3: ⟨u_i, m̂⟩
     for part in blocks(operands.numel):
-        _, units, mean = direction_parts(part)
-        along = [a + backend.total(u * mean) for u, a in zip(units, along, strict=True)]
+        if held:
+            *units, mean = held.at(part)
+            mean_hat = mean / mean_norm
+            held.keep(part, [*units, mean_hat])
+        else:
+            units, mean_hat = direction_parts(part)
+        along = [a + backend.total(u * mean_hat) for u, a in zip(units, along, strict=True)]
 
     def tangent_of(units: list[Any], mean: Any) -> Any:
         tangent = backend.zeros_like(mean)
@@ -108,17 +118,16 @@ def multislerp_merge(operands: Operands[Any]) -> None:
 
     tangent_square = 0.0  # pass 4: ‖T‖
     for part in blocks(operands.numel):
-        _, units, mean = direction_parts(part)
-        tangent = tangent_of(units, mean)
+        tangent = tangent_of(*direction_parts(part))
         tangent_square = tangent_square + backend.total(tangent * tangent)
     angle = math.sqrt(tangent_square) + eps
     scale = sum(w * n for w, n in zip(weights, norms, strict=True))
 
     for part in operands.chunks():  # pass 5: the exponential map, scaled
-        b, units, mean = direction_parts(part)
+        units, mean = direction_parts(part)
         direction = mean * math.cos(angle) + tangent_of(units, mean) * (math.sin(angle) / angle)
         out = direction * scale
-        operands.out.write(part, out if b is None else b + out)
+        operands.out.write(part, out if base is None else base.read(part) + out)
 
 
 MULTISLERP = Operator(

@@ -142,10 +142,11 @@ def _erase_and_mix(backend: Backend, base: Any, taus: list[Any], omega: list[flo
     sum_of_taus = backend.copy(taus[0])
     for tau in taus[1:]:
         sum_of_taus += tau
-    sigma = backend.where(sum_of_taus >= 0, 1.0, -1.0)
+    elected_plus = sum_of_taus >= 0  # σ = +1 there, −1 elsewhere (a NaN sum included)
+    elected_minus = ~elected_plus
     mixed, divisor = backend.zeros_like(base), backend.zeros_like(base)
     for tau, weight in zip(taus, omega, strict=True):
-        agrees = backend.sign(tau) == sigma
+        agrees = (tau > 0) & elected_plus | (tau < 0) & elected_minus  # sign τ_i = σ (a zero τ_i never)
         mixed += backend.where(agrees, tau * weight, 0.0)
         divisor += backend.astype(agrees, divisor.dtype) * weight
     divisor[divisor == 0] = 1

@@ -232,3 +232,20 @@ def test_skip_draws_advances_exactly_as_drawing(count: int) -> None:
     draws.uniform(drawn, count)
     draws.skip_draws(skipped, count)
     assert np.array_equal(draws.uniform(drawn, 9), draws.uniform(skipped, 9))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_backends_bitwise_where_is_np_where(dtype: type) -> None:
+    """The backend selects on the bits; every value, dtype and signed zero must be np.where's."""
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        n = int(rng.integers(1, 3000))
+        a, b = (rng.standard_normal(n).astype(dtype) for _ in range(2))
+        for array in (a, b):
+            at = rng.integers(0, n, size=4)
+            array[at[:2]], array[at[2]], array[at[3]] = np.nan, -0.0, -np.inf
+        mask = rng.random(n) < 0.5
+        for other in (b, 0.0, -0.0, 1.0, -1.5, 0.1, 3, 1e300):
+            with np.errstate(over="ignore"):
+                expected, got = np.where(mask, a, other), NUMPY.where(mask, a, other)
+            assert got.dtype == expected.dtype and np.array_equal(got.view(np.uint8), expected.view(np.uint8))

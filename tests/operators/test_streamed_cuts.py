@@ -128,3 +128,36 @@ def _operands(count: int, buffer_limit: int) -> Operands:
     return Operands(
         [_Float32Source()], _Float32Source(), (count,), NUMPY, Output(NUMPY, count, FLOAT32), buffer_limit=buffer_limit
     )
+
+
+def test_a_tensor_above_the_whole_budget_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """An SVD merge holds whole matrices: at Llama-3-70B's embedding that passes a 1 GiB budget, and the run
+    says which tensor and how much, where a streaming method says nothing."""
+    from types import SimpleNamespace
+
+    from gift_merge.dtypes import BFLOAT16
+    from gift_merge.engine import executor
+    from gift_merge.plan import TensorJob, TensorSource
+
+    def jobs(method: str) -> list[TensorJob]:
+        def source(model: str, name: str) -> TensorSource:
+            return TensorSource(model, name)
+
+        return [
+            TensorJob(
+                name, method, (source("a", name), source("b", name)), source("base", name), (), {}, shape, BFLOAT16
+            )
+            for name, shape in (("model.norm.weight", (8192,)), ("model.embed_tokens.weight", (128256, 8192)))
+        ]
+
+    budget = 1 << 30
+    for method, warned in (("iso_c", True), ("ties", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gift_merge"):
+            executor._say_what_passes_the_budget(
+                SimpleNamespace(jobs=jobs(method)), executor.buffer_limit(budget, 2), budget
+            )
+        said = [record.getMessage() for record in caplog.records]
+        assert bool(said) == warned, said
+        if warned:
+            assert "model.embed_tokens.weight" in said[0] and "1 tensor(s)" in said[0]

@@ -27,13 +27,14 @@ def _bits(values: torch.Tensor) -> np.ndarray:
     return values.numpy().view(np.uint32).copy()
 
 
-def _whole_and_sliced(monkeypatch: pytest.MonkeyPatch, run: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``run()`` with one slice per tensor, then with many small ones, over many summation blocks."""
+def _whole_and_sliced(monkeypatch: pytest.MonkeyPatch, run: Any) -> tuple[np.ndarray, ...]:
+    """``run(buffer_limit)`` with one slice per tensor, then with many small ones, over many summation
+    blocks: values held between passes, and (a zero buffer limit) formed again from the inputs in each."""
     monkeypatch.setattr(reductions, "REDUCE_BLOCK", 96)  # not a divisor of CHUNK: passes sum by blocks
     monkeypatch.setattr(operator_base, "CHUNK", 1 << 62)
-    whole = _bits(run())
+    whole = _bits(run(1 << 62))
     monkeypatch.setattr(operator_base, "CHUNK", 1024)
-    return whole, _bits(run())
+    return whole, _bits(run(1 << 62)), _bits(run(0))
 
 
 @pytest.mark.parametrize("with_base", [True, False])
@@ -43,8 +44,8 @@ def test_multislerp_streamed_equals_one_slice(monkeypatch: pytest.MonkeyPatch, w
     base, models = random_case((90, 77), 3, seed)
     weights = [{"weight": w} for w in (0.3, 0.9, 0.5)]
     inputs = make_inputs(op, models, base if with_base else None, weights)
-    whole, sliced = _whole_and_sliced(monkeypatch, lambda: apply(op, inputs))
-    assert np.array_equal(whole, sliced)
+    whole, held, streamed = _whole_and_sliced(monkeypatch, lambda limit: apply(op, inputs, buffer_limit=limit))
+    assert np.array_equal(whole, held) and np.array_equal(whole, streamed)
 
 
 @pytest.mark.parametrize("spread", [0.5, 0.02])
@@ -53,8 +54,8 @@ def test_karcher_streamed_equals_one_slice(monkeypatch: pytest.MonkeyPatch, spre
     op = OPERATORS["karcher"]
     _, models = random_case((61, 83), 4, 3, spread)
     inputs = make_inputs(op, models, None, global_values={"max_iter": 6, "tol": 1e-12})
-    whole, sliced = _whole_and_sliced(monkeypatch, lambda: apply(op, inputs))
-    assert np.array_equal(whole, sliced)
+    whole, held, streamed = _whole_and_sliced(monkeypatch, lambda limit: apply(op, inputs, buffer_limit=limit))
+    assert np.array_equal(whole, held) and np.array_equal(whole, streamed)
 
 
 def test_karcher_iterations_move_the_mean() -> None:
