@@ -157,6 +157,10 @@ def _check_prompt(template: str | None, preset: str | None) -> None:
 def _check_shards(num_shards: int, shard: int | None, combine: bool) -> None:
     """One shard of N, or the join of all N; N = 1 is a plain run."""
     _positive("num_shards", num_shards)
+    if shard is not None and num_shards == 1:
+        raise _FieldError(
+            "shard", f"give --num-shards N with it (the shard's index among N jobs), got --shard {shard} alone"
+        )
     if shard is not None and not 0 <= shard < num_shards:
         raise _FieldError("shard", f"must be one of 0 … {num_shards - 1} for --num-shards {num_shards}, got {shard}")
     if combine and shard is not None:

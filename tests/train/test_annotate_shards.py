@@ -137,7 +137,10 @@ def test_a_damaged_shard_leaves_no_output(tiny: dict[str, Path], tmp_path: Path,
     ("extra", "message"),
     [
         (["--num-shards", "2", "--shard", "2"], "--shard: must be one of 0 … 1 for --num-shards 2, got 2"),
-        (["--shard", "1"], "--shard: must be one of 0 … 0 for --num-shards 1, got 1"),
+        (
+            ["--shard", "1"],
+            "--shard: give --num-shards N with it (the shard's index among N jobs), got --shard 1 alone",
+        ),
         (["--num-shards", "2", "--shard", "-1"], "--shard: must be one of 0 … 1 for --num-shards 2, got -1"),
         (["--num-shards", "0"], "--num-shards: must be > 0, got 0"),
         (["--num-shards", "2"], "--num-shards: give --shard I (0 … 1) to score one shard, or --combine"),
