@@ -231,12 +231,19 @@ def _row_blocks(rows: int, cols: int) -> Iterator[slice]:
         yield slice(start, min(start + step, rows))
 
 
+def _block_products(backend: Backend, left: Any, right: Any, cols: int) -> Iterator[tuple[slice, Any]]:
+    """``left @ right`` in float64 (``right`` float64) a block of rows at a time, with the block's rows: the
+    blocks of :func:`_row_blocks` for a matrix of ``cols`` columns."""
+    for block in _row_blocks(left.shape[0], cols):
+        yield block, backend.matmul(backend.astype(left[block], "float64"), right)
+
+
 def _product(backend: Backend, x: Any, right: Any, dtype: Any) -> Any:
     """``x @ right`` in float64 (``right`` float64), a block of rows of ``x`` at a time, in ``dtype``."""
     rows = x.shape[0]
     out = backend.empty(rows * right.shape[1], _dtype_name(dtype)).reshape(rows, right.shape[1])
-    for block in _row_blocks(*x.shape):
-        out[block] = backend.astype(backend.matmul(backend.astype(x[block], "float64"), right), dtype)
+    for block, product in _block_products(backend, x, right, x.shape[1]):
+        out[block] = backend.astype(product, dtype)
     return out
 
 
@@ -307,10 +314,9 @@ def write_product(operands: Operands[Any], base: Any, left: Any, right: Any, sca
     backend = operands.backend
     cols = operands.shape[1]
     right = backend.astype(right, "float64")
-    for block in _row_blocks(*operands.shape):
+    for block, product in _block_products(backend, left, right, cols):
         part = slice(block.start * cols, block.stop * cols)
-        delta = backend.matmul(backend.astype(left[block], "float64"), right) * scale
-        values = backend.astype(delta.reshape(-1), base.dtype)
+        values = backend.astype((product * scale).reshape(-1), base.dtype)
         values += base[part]
         operands.out.write(part, values)
 
