@@ -353,13 +353,13 @@ def replay(durations: list[float], costs: list[int], workers: int, together: flo
     """Wall seconds the executor takes for jobs of these CPU-second ``durations`` and working-set ``costs``.
 
     The executor's admission rule (at most ``workers + 1`` jobs submitted, no new one past ``budget``
-    while others run, waiting on the oldest) with a pool of ``workers`` threads taking jobs in order; k
-    jobs running together share s(k) cores, s rising linearly from ``alone`` (one job) to ``together``
-    (``workers`` jobs).
+    while others run, waiting for whichever finishes first) with a pool of ``workers`` workers taking jobs
+    in order; k jobs running together share s(k) cores, s rising linearly from ``alone`` (one job) to
+    ``together`` (``workers`` jobs).
     """
     clock = 0.0
     left: dict[int, float] = {}  # submitted, unfinished: remaining single-worker seconds, in submission order
-    pending: list[tuple[int, int]] = []  # submitted and not yet waited for: (index, cost)
+    pending: dict[int, int] = {}  # submitted and not yet waited for: index → cost
     in_flight = 0
 
     def rate(k: int) -> float:
@@ -367,9 +367,13 @@ def replay(durations: list[float], costs: list[int], workers: int, together: flo
             return alone
         return (alone + (together - alone) * (k - 1) / (workers - 1)) / k
 
-    def wait_for(index: int) -> None:
+    def wait_for_any() -> int:
+        """Run the clock until a pending job has finished; that job's index."""
         nonlocal clock
-        while index in left:
+        while True:
+            finished = next((i for i in pending if i not in left), None)
+            if finished is not None:
+                return finished
             running = list(left)[:workers]
             step = rate(len(running))
             dt = min(left[i] for i in running) / step
@@ -381,14 +385,12 @@ def replay(durations: list[float], costs: list[int], workers: int, together: flo
 
     for index, (duration, cost) in enumerate(zip(durations, costs, strict=True)):
         while pending and (len(pending) > workers or in_flight + cost > budget):
-            done, done_cost = pending.pop(0)
-            wait_for(done)
-            in_flight -= done_cost
-        pending.append((index, cost))
+            in_flight -= pending.pop(wait_for_any())
+        pending[index] = cost
         left[index] = duration
         in_flight += cost
-    for done, _ in pending:
-        wait_for(done)
+    while pending:
+        pending.pop(wait_for_any())
     return clock
 
 

@@ -23,6 +23,7 @@ import gift_merge.engine.blocks as blocks
 import gift_merge.io.finite as finite
 from gift_merge.cli import main
 from gift_merge.dtypes import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, INT32, DType
+from gift_merge.engine.executor import PROCESSES_ENV
 from gift_merge.errors import GiftMergeError
 from gift_merge.io.finite import BLOCK, InputWatch, NonFinite, count_nonfinite
 from gift_merge.io.reader import ALLOW_PICKLE_ENV, CheckpointReader
@@ -301,6 +302,7 @@ def test_every_input_tensor_is_counted_once_per_run_by_either_engine(
     recipe.write_text(METHODS[method].format(**models))
     monkeypatch.setattr(blocks, "CHUNK_FROM", 1)
     monkeypatch.setattr(blocks, "ELEMENTWISE_CHUNK", 777)
+    monkeypatch.setenv(PROCESSES_ENV, "0")  # the counts are watched in this process's threads
     reads: list[tuple[Path, str]] = []
     counted: list[tuple[Path, str]] = []
     check, count, reading = InputWatch.check, finite.count_nonfinite, threading.local()

@@ -127,6 +127,19 @@ class InputWatch:
         with self._lock:
             self._found[key] = line
 
+    def drain(self) -> dict[tuple[Path, str], str]:
+        """The findings since the last drain, removed from this watch: a worker process's watch is a copy,
+        and it hands what it found to the executor's watch (:meth:`absorb`) with each finished job."""
+        with self._lock:
+            found, self._found = self._found, {}
+            return found
+
+    def absorb(self, found: Mapping[tuple[Path, str], str]) -> None:
+        """Add another watch's findings (see :meth:`drain`)."""
+        with self._lock:
+            self._claimed.update(found)
+            self._found.update(found)
+
     @property
     def found(self) -> list[str]:
         """One line per input tensor holding NaN or ±inf, naming its file and the counts, in file order."""

@@ -15,9 +15,10 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from gift_merge.io.finite import NonFinite, count_nonfinite
 from gift_merge.io.locks import output_lock, remove_leftovers
 from gift_merge.io.reader import INDEX_NAME, SINGLE_NAME
 from gift_merge.lazy import torch
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
 
 log = logging.getLogger("gift_merge")
 
@@ -117,7 +121,7 @@ class TensorSink:
     def close(self) -> None:
         if self.received != self.tensor.nbytes:
             raise GiftMergeError(f"tensor {self.name}: {self.received} of its {self.tensor.nbytes} bytes were computed")
-        self.writer._done(self.name, NonFinite(self.nan, self.inf) if self.nan or self.inf else None)
+        self.writer.finished(self.name, NonFinite(self.nan, self.inf) if self.nan or self.inf else None)
 
 
 class ShardedWriter:
@@ -135,6 +139,7 @@ class ShardedWriter:
         ]
         self._slots: dict[str, _Slot] = {}
         self._fds: dict[str, int] = {}
+        self._file_locks: dict[str, AbstractContextManager[Any]] = {}
         self._pending = set(names)
         self._lock = threading.Lock()
         self.nonfinite: dict[str, NonFinite] = {}  # tensors written with NaN or ±inf
@@ -143,6 +148,7 @@ class ShardedWriter:
             try:
                 fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds[file] = fd
+                self._file_locks[file] = threading.Lock()
                 os.pwrite(fd, head, 0)
                 os.ftruncate(fd, len(head) + sum(t.nbytes for t in group))
             except OSError as exc:
@@ -170,17 +176,32 @@ class ShardedWriter:
         return TensorSink(self, name)
 
     def _put(self, name: str, data: np.ndarray, start: int) -> None:
-        """Write ``data`` (bytes) at byte ``start`` of tensor ``name``'s place."""
+        """Write ``data`` (bytes) at byte ``start`` of tensor ``name``'s place.
+
+        One writer at a time per shard: the filesystem serialises writes to one file anyway (ext4 holds the
+        inode's lock), and a second writer would spin on that lock in the kernel, taking a core from the
+        workers that compute. A thread waiting here sleeps instead.
+        """
         slot = self._slots[name]
         written = 0
         view = memoryview(data)  # type: ignore[arg-type]  # numpy arrays are buffers
         try:
-            while written < len(view):
-                written += os.pwrite(self._fds[slot.file], view[written:], slot.offset + start + written)
+            with self._file_locks[slot.file]:
+                while written < len(view):
+                    written += os.pwrite(self._fds[slot.file], view[written:], slot.offset + start + written)
         except OSError as exc:  # disk full, quota, I/O error: name the file and the tensor
             raise GiftMergeError(f"{self.folder / slot.file}: cannot write tensor {name} ({exc.strerror})") from exc
 
-    def _done(self, name: str, counts: NonFinite | None) -> None:
+    def share_with_processes(self, context: BaseContext) -> None:
+        """Make the one-writer-per-shard rule hold across the worker processes ``context`` will start (call
+        before they start): forked workers write into the same open shards."""
+        self._file_locks = {file: context.Lock() for file in self._file_locks}
+
+    def finished(self, name: str, counts: NonFinite | None) -> None:
+        """Record that every byte of tensor ``name`` was written, with its NaN/±inf ``counts`` (None: none).
+
+        A worker process's writer is a copy, so the executor records there what each worker reports.
+        """
         with self._lock:
             self._pending.discard(name)
             if counts is not None:
