@@ -154,9 +154,10 @@ def test_a_tensor_above_the_whole_budget_is_named(caplog: pytest.LogCaptureFixtu
     for method, warned in (("iso_c", True), ("ties", False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="gift_merge"):
-            executor._say_what_passes_the_budget(
-                SimpleNamespace(jobs=jobs(method)), executor.buffer_limit(budget, 2), budget
-            )
+            planned = jobs(method)
+            limit = executor.buffer_limit(budget, 2)
+            costs = [executor.MethodEngine.working_set(job, limit) for job in planned]
+            executor._say_what_passes_the_budget(SimpleNamespace(jobs=planned), costs, budget)
         said = [record.getMessage() for record in caplog.records]
         assert bool(said) == warned, said
         if warned:
