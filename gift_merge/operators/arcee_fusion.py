@@ -103,7 +103,7 @@ def arcee_fusion_merge(operands: Operands[Any]) -> None:
 
     last = count - 1  # ascending index i is the (N − i)-th largest
     ranks = [count - index for index in (last // 4, last // 2, 3 * last // 4)]
-    if operands.cuts_fit() or kls[0].dtype.itemsize != 4:  # an importance buffer (float64: always)
+    if operands.selects_on_buffer():  # an importance buffer
         buffer = backend.empty(count, _dtype_name(kls[0]))
         for part, kl in zip(parts, kls, strict=True):
             buffer[part] = importance(part, kl)[2]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from gift_merge.dtypes import DType
+from gift_merge.dtypes import FLOAT32, FLOAT64, DType
 from gift_merge.engine import blocks
 
 if TYPE_CHECKING:
@@ -161,11 +161,23 @@ class Operands(Generic[Array]):
     tensor_name: str = ""
     buffer_limit: int = NO_LIMIT
     """Bytes this tensor's method may hold in tensor-sized buffers (a |δ| buffer, masks): the engine's share
-    of the memory budget. A cut that does not fit streams its inputs again instead (:func:`gta.threshold`)."""
+    of the memory budget. A cut that does not fit streams its inputs again instead
+    (:func:`~.gta.streamed_threshold`)."""
+    math_dtype: DType = FLOAT32
+    """The dtype the job computes in: float32, or float64 where an input reads float64 (a float64
+    checkpoint, a recipe's ``dtype: float64``, a model patched by an adapter; :class:`Source`), and so
+    where the τ, variances and importances between inputs are float64."""
 
     def cuts_fit(self) -> bool:
         """Whether this tensor's cut buffers (:func:`cut_bytes`) stay within :attr:`buffer_limit`."""
         return cut_bytes(self.numel, len(self.sources)) <= self.buffer_limit
+
+    def selects_on_buffer(self) -> bool:
+        """Whether an order-statistic cut (a magnitude, variance or importance quantile) is taken on a
+        tensor-sized buffer of its values: while the cut buffers fit, and always for float64 values, which
+        the radix passes (:func:`~gift_merge.engine.selection.streamed_kth_largest`, over float32 bits) do
+        not read."""
+        return self.cuts_fit() or self.math_dtype == FLOAT64
 
     @property
     def numel(self) -> int:

@@ -29,7 +29,6 @@ from .gta import (
     MagnitudeCut,
     MaskCut,
     ThresholdCut,
-    buffered,
     empty_cut,
     gta_merge,
     gta_params,
@@ -66,7 +65,7 @@ def outlier_cut(
     n = operands.numel
     target = int(density * n)
     n_top = min(int(float(model_params["gamma"]) * n), n - target)
-    if not buffered(operands, source):
+    if not operands.selects_on_buffer():
         band = BandCut(_top(operands, source, n_top + target), _top(operands, source, n_top), None)
         band.factor = kept_l1_factor(operands, source, band) if rescale else None
         return band

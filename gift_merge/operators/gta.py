@@ -145,12 +145,6 @@ def magnitudes(operands: Operands[Any], source: Source[Any]) -> Any:
     return magnitude
 
 
-def buffered(operands: Operands[Any], source: Source[Any]) -> bool:
-    """Whether a cut decides on a |δ| buffer (it fits :attr:`~.base.Operands.buffer_limit`, or the values are
-    float64, which the radix passes do not read) rather than by streaming (:func:`streamed_threshold`)."""
-    return operands.cuts_fit() or source.read(slice(0, 1)).dtype.itemsize != 4
-
-
 def streamed_threshold(operands: Operands[Any], source: Source[Any], k: int) -> tuple[float, int]:
     """The k-th largest float32 |δ| of one input and how many exceed it (1 ≤ k ≤ N), without a |δ| buffer:
     radix passes over |δ| formed again slice by slice

@@ -24,7 +24,8 @@ from typing import Any
 
 from .base import Operands, Operator, Param
 from .checks import interval
-from .reductions import Held, blocks
+from .held import Held
+from .reductions import blocks
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from gift_merge.errors import GiftMergeError
 
 from .base import Operands, Operator, Param
 from .checks import WEIGHT, interval
-from .reductions import Held, blocks
+from .held import Held
+from .reductions import blocks
 
 
 def check_multislerp(params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]) -> str | None:

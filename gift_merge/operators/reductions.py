@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gift_merge.engine.backend import Backend
 
-    from .base import Operands
-
 REDUCE_BLOCK = 1 << 16
 """Entries per block of a whole-tensor sum."""
 
@@ -47,37 +45,3 @@ def flat_dot(backend: Backend, a: Any, b: Any) -> float:
 def flat_norm(backend: Backend, a: Any) -> float:
     """‖a‖₂ over all entries of a flat array."""
     return math.sqrt(flat_dot(backend, a, a))
-
-
-class Held:
-    """Up to ``count`` tensor-sized arrays a multi-pass method keeps between passes while they fit the job's
-    buffer limit (:attr:`~gift_merge.operators.base.Operands.buffer_limit`, at 8 bytes per entry, so float64
-    inputs fit too); false when they do not, and the method forms its values again from the inputs in each
-    pass instead (the same operations, so the same bits).
-    """
-
-    def __init__(self, operands: Operands[Any], count: int) -> None:
-        self.backend, self.numel = operands.backend, operands.numel
-        self.fits = count * operands.numel * 8 <= operands.buffer_limit
-        self.arrays: list[Any] = []
-
-    def __bool__(self) -> bool:
-        return self.fits
-
-    def keep(self, part: slice, values: list[Any]) -> None:
-        """Store one slice of each array (no-op when they do not fit)."""
-        if not self.fits:
-            return
-        if not self.arrays:
-            self.arrays = [self.backend.empty(self.numel, str(v.dtype).removeprefix("torch.")) for v in values]
-        for array, value in zip(self.arrays, values, strict=True):
-            array[part] = value
-
-    def at(self, part: slice) -> list[Any]:
-        """One slice of each held array (views)."""
-        return [array[part] for array in self.arrays]
-
-    def set(self, index: int, part: slice, value: Any) -> None:
-        """Replace one slice of held array ``index`` (no-op when nothing is held)."""
-        if self.fits:
-            self.arrays[index][part] = value

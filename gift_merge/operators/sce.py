@@ -21,18 +21,21 @@ The sign election is on the unweighted τ_i, unlike TIES' on the weighted deltas
 is written here. The selection ranks var with the tie order of :mod:`selection` (equal variances kept in
 index order; a NaN variance is never kept, as there).
 
-Passes over slices of the inputs, τ_i and var formed again in each: (select) the k-th largest var, found on
-one var buffer while it fits the job's share of the memory budget (:meth:`~.base.Operands.cuts_fit`), else
-by radix passes over var's float bits (:func:`~gift_merge.engine.selection.streamed_kth_largest`), the same
-value either way; (calculate) mean(τ_i²) as the float64 sum of the float64 sums of the summation blocks
-(:mod:`reductions`) over N, so it has the same bits however the tensor is sliced (before streaming it was
-one pairwise float64 mean of the whole tensor: ω may differ in its last place, which rarely moves an output
-bit); (erase) the mix, slice by slice.
+Passes over slices of the inputs, τ_i formed again in each: (select) the k-th largest var, found on one
+var buffer while it fits the job's share of the memory budget (:meth:`~.base.Operands.cuts_fit`), else by
+radix passes over var's float bits (:func:`~gift_merge.engine.selection.streamed_kth_largest`), the same
+value either way; (calculate) the selection's mask from var, and mean(τ_i²) as the float64 sum of the
+float64 sums of the summation blocks (:mod:`reductions`) over N, so it has the same bits however the tensor
+is sliced (before streaming it was one pairwise float64 mean of the whole tensor: ω may differ in its last
+place, which rarely moves an output bit); (erase) the mix, slice by slice, with the mask the calculate
+pass kept on a bool buffer while the cut buffers fit, else with the mask decided again from var (the same
+cut on the same values, so the same mask).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,18 +51,24 @@ from .reductions import blocks
 if TYPE_CHECKING:
     from gift_merge.engine.backend import Backend
 
+Selection = Callable[[slice, list[Any]], Any]
+"""(a slice, its τ_i) → the slice's keep mask; called for the slices of one pass in index order."""
+
 
 def sce_merge(operands: Operands[Any]) -> None:
     if operands.base is None:
         raise ValueError("sce needs a base tensor")
     if operands.numel == 0:
         return
+    backend = operands.backend
     select_topk = float(operands.params["select_topk"])
-    keep = variance_cut(operands, select_topk) if select_topk < 1 else None  # select
-    omega = weights(operands, keep)  # calculate
-    for part in operands.chunks():  # erase and mix; the last pass takes ``keep`` itself
-        base, taus = _slice(operands, part, keep)
-        operands.out.write(part, base + _erase_and_mix(operands.backend, base, taus, omega))
+    cut = variance_cut(operands, select_topk) if select_topk < 1 else None  # select
+    held = backend.empty(operands.numel, "bool") if cut is not None and operands.cuts_fit() else None
+    omega = weights(operands, deciding(backend, cut, held))  # calculate, keeping the mask in ``held``
+    kept = deciding(backend, cut) if held is None else lambda part, taus: held[part]
+    for part in operands.chunks():  # erase and mix
+        base, taus = _slice(operands, part, kept)
+        operands.out.write(part, base + _erase_and_mix(backend, base, taus, omega))
 
 
 def _taus(operands: Operands[Any], part: slice) -> tuple[Any, list[Any]]:
@@ -69,13 +78,30 @@ def _taus(operands: Operands[Any], part: slice) -> tuple[Any, list[Any]]:
     return base, [source.read(part) - base for source in operands.sources]
 
 
-def _slice(operands: Operands[Any], part: slice, keep: ThresholdCut | None) -> tuple[Any, list[Any]]:
+def _slice(operands: Operands[Any], part: slice, kept: Selection | None) -> tuple[Any, list[Any]]:
     """One slice of the base and of every τ_i, the selection applied (slices in index order)."""
     base, taus = _taus(operands, part)
-    if keep is not None:
-        kept = keep.keep(operands.backend, variance(operands.backend, taus))
-        taus = [operands.backend.where(kept, t, 0.0) for t in taus]
+    if kept is not None:
+        mask = kept(part, taus)
+        taus = [operands.backend.where(mask, t, 0.0) for t in taus]
     return base, taus
+
+
+def deciding(backend: Backend, cut: ThresholdCut | None, held: Any = None) -> Selection | None:
+    """The selection of one pass decided from each slice's variances (None: every entry kept), on a copy of
+    ``cut``, which counts its ties as the slices go by; each slice's mask is also stored in ``held``, a flat
+    bool buffer, when one is given."""
+    if cut is None:
+        return None
+    counter = copy.copy(cut)
+
+    def kept(part: slice, taus: list[Any]) -> Any:
+        mask = counter.keep(backend, variance(backend, taus))
+        if held is not None:
+            held[part] = mask
+        return mask
+
+    return kept
 
 
 def variance(backend: Backend, taus: list[Any]) -> Any:
@@ -87,11 +113,10 @@ def variance(backend: Backend, taus: list[Any]) -> Any:
 
 def variance_cut(operands: Operands[Any], select_topk: float) -> ThresholdCut | None:
     """The cut keeping the k largest variances (as :func:`~.selection.top_k`), or None to keep every entry.
-    A fresh copy serves each pass: it counts its ties as the slices go by."""
+    A fresh copy serves each pass (:func:`deciding`): it counts its ties as the slices go by."""
     backend, numel = operands.backend, operands.numel
-    wide = variance(backend, _taus(operands, slice(0, 1))[1]).dtype.itemsize != 4
-    if operands.cuts_fit() or wide:  # float64 values stay on a buffer: the radix passes read float32 bits
-        var = backend.empty(numel, "float64" if wide else "float32")
+    if operands.selects_on_buffer():
+        var = backend.empty(numel, operands.math_dtype.name)
         for part in operands.chunks():
             var[part] = variance(backend, _taus(operands, part)[1])
         k = int(backend.count(var) * select_topk)
@@ -124,13 +149,13 @@ def _keep_all_or_none(k: int) -> ThresholdCut | None:
     return empty_cut() if k <= 0 else None
 
 
-def weights(operands: Operands[Any], keep: ThresholdCut | None) -> list[float]:
-    """ω_i: each mean(τ_i²) as a blocked float64 sum over N, normalised (uniform when all are 0)."""
+def weights(operands: Operands[Any], kept: Selection | None) -> list[float]:
+    """ω_i: each mean(τ_i²) of the selected τ_i as a blocked float64 sum over N, normalised (uniform when all
+    are 0)."""
     backend, n = operands.backend, len(operands.sources)
-    cut = copy.copy(keep)  # it counts its ties as it goes: the mix pass needs them again
     sums = [0.0] * n
     for part in blocks(operands.numel):
-        for i, tau in enumerate(_slice(operands, part, cut)[1]):
+        for i, tau in enumerate(_slice(operands, part, kept)[1]):
             sums[i] += backend.total(backend.astype(tau**2, "float64"))
     energy = [s / operands.numel for s in sums]
     total = sum(energy)

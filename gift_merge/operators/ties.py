@@ -23,7 +23,6 @@ from .base import Operands, Operator, Source
 from .gta import (
     Cut,
     ThresholdCut,
-    buffered,
     empty_cut,
     gta_merge,
     gta_params,
@@ -46,7 +45,7 @@ def magnitude_cut(
     if k <= 0:
         return empty_cut()
     backend = operands.backend
-    if not buffered(operands, source):  # a tensor too large for a |δ| buffer: radix passes, the same cut
+    if not operands.selects_on_buffer():  # a tensor too large for a |δ| buffer: radix passes, the same cut
         threshold, above = streamed_threshold(operands, source, k)
         cut = ThresholdCut(threshold, k - above, None)
         cut.factor = kept_l1_factor(operands, source, cut) if rescale else None

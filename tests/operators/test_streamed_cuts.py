@@ -4,6 +4,7 @@ find the same threshold and keep the same entries, so the merge writes the same 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from gift_merge.cli import main
-from gift_merge.dtypes import FLOAT32
+from gift_merge.dtypes import FLOAT32, FLOAT64
 from gift_merge.engine.backend import NUMPY
 from gift_merge.engine.selection import kth_largest_and_count, streamed_kth_largest
 from gift_merge.operators import della, draws, get_operator, gta
@@ -115,8 +116,9 @@ def test_the_memory_budget_decides_which_cuts_stream() -> None:
     from gift_merge.engine.executor import buffer_limit
 
     assert buffer_limit(1 << 30, 2) == (1 << 30) // 3
-    assert gta.buffered(_operands(800, buffer_limit=4000), _Float32Source())  # 800 × (4 + 1 mask byte)
-    assert not gta.buffered(_operands(801, buffer_limit=4000), _Float32Source())
+    assert _operands(800, buffer_limit=4000).selects_on_buffer()  # 800 × (4 + 1 mask byte)
+    assert not _operands(801, buffer_limit=4000).selects_on_buffer()
+    assert replace(_operands(801, buffer_limit=4000), math_dtype=FLOAT64).selects_on_buffer()  # radix: float32
 
 
 class _Float32Source:

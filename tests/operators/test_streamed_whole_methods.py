@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gift_merge.dtypes import FLOAT32
+from gift_merge.dtypes import FLOAT32, FLOAT64
 from gift_merge.engine.backend import NUMPY
 from gift_merge.operators import OPERATORS, base, gta, reductions
 from gift_merge.operators.base import NO_LIMIT, Operands, Output
@@ -72,6 +72,7 @@ def merge(
         model_params=inputs.model_params,
         params=inputs.params,
         buffer_limit=buffer_limit,
+        math_dtype=FLOAT64 if models[0].dtype == np.float64 else FLOAT32,
     )
     op.merge(operands)
     read = [s.largest for s in [*sources, *([base_source] if base_source else [])]]
