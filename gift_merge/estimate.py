@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from gift_merge.engine import blocks
-from gift_merge.engine.executor import DEFAULT_MEMORY_BUDGET, working_sets
+from gift_merge.engine.executor import DEFAULT_MEMORY_BUDGET, run_order, work, working_sets
 from gift_merge.inputs import ModelInfo
 from gift_merge.io.origin import hub_origin, weight_files
 from gift_merge.operators import get_operator
@@ -243,6 +243,9 @@ def estimate_stage(
     else:
         sizes = costs
     local = sum(f.stat().st_size for f in files if hub_origin(f.parent) is None)
+    order = run_order(plan)  # the executor starts jobs in this order
+    durations = [durations[i] for i in order]
+    costs, sizes = [costs[i] for i in order], [sizes[i] for i in order]
     return StageEstimate(
         merge_s=replay(durations, costs, workers, together, alone=alone, budget=memory_budget),
         read_s=cold / disk_rate,
@@ -258,14 +261,6 @@ def estimate_stage(
         imported_bytes=imported,
         probe_s=time.perf_counter() - started,
     )
-
-
-def work(job: TensorJob) -> float:
-    """Units a job's CPU seconds are proportional to within its kind: its entries, or what its method
-    declares (``Operator.work``: m·n·min(m, n) for an SVD merge, so a probe cut to fewer rows than columns
-    says how much longer the whole square matrix takes, not just how many more entries it has)."""
-    declared = get_operator(job.operator).work
-    return declared(job.shape) if declared is not None and not job.copy else float(job.numel)
 
 
 class Run(NamedTuple):

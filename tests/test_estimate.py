@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from click.testing import CliRunner
@@ -15,7 +17,7 @@ from click.testing import CliRunner
 from gift_merge.cli import main
 from gift_merge.dtypes import BFLOAT16
 from gift_merge.engine.compute import MethodEngine
-from gift_merge.engine.executor import peak_in_flight
+from gift_merge.engine.executor import peak_in_flight, run_order
 from gift_merge.estimate import (
     StageEstimate,
     describe_memory,
@@ -27,7 +29,7 @@ from gift_merge.estimate import (
     work,
 )
 from gift_merge.merge import MergeOptions, estimate, plan_recipe
-from gift_merge.plan import TensorJob, TensorSource
+from gift_merge.plan import MergePlan, TensorJob, TensorSource
 from gift_merge.recipe import parse_recipe
 
 LINEAR = "merge_method: linear\nmodels:\n  - {{model: {math}, parameters: {{weight: 1}}}}\n  - {{model: {code}, parameters: {{weight: 1}}}}\n"
@@ -160,3 +162,19 @@ def test_an_svd_merges_working_set_counts_its_factors_and_workspace() -> None:
         held = MethodEngine.working_set(job("tsv", shape))
         assert held >= inputs + 4 * rows * cols + 48 * min(shape) ** 2
         assert (held >= inputs + 20 * rows * cols) == (rows < cols)
+
+
+def test_the_executor_starts_the_jobs_with_the_most_work_first() -> None:
+    """Largest work × inputs first, plan order among equals: an SVD merge of a square matrix outranks a
+    linear merge of more entries, and a copied buffer ranks by its entries alone."""
+    jobs = [
+        job("linear", (64, 64)),
+        job("linear", (4096, 64)),
+        job("tsv", (512, 512)),
+        job("linear", (64, 64)),
+        job("linear", (128, 128), models=1),
+    ]
+    plan = cast(MergePlan, SimpleNamespace(jobs=jobs))
+    order = run_order(plan)
+    expected = sorted(range(len(jobs)), key=lambda i: (-work(jobs[i]) * len(jobs[i].inputs), i))
+    assert order == expected == [2, 1, 4, 0, 3]

@@ -93,6 +93,21 @@ def working_sets(
     return [MethodEngine.working_set(job, limit) for job in plan.jobs]
 
 
+def work(job: TensorJob) -> float:
+    """Units a job's CPU seconds are proportional to within its kind: its entries, or what its method
+    declares (``Operator.work``: m·n·min(m, n) for an SVD merge, so a probe cut to fewer rows than columns
+    says how much longer the whole square matrix takes, not just how many more entries it has)."""
+    declared = get_operator(job.operator).work
+    return declared(job.shape) if declared is not None and not job.copy else float(job.numel)
+
+
+def run_order(plan: MergePlan) -> list[int]:
+    """The order the executor starts the plan's jobs in (indices into ``plan.jobs``): the most work first
+    (:func:`work` times the inputs read), else plan order. The jobs left to start at the end are then small,
+    so no worker computes a large tensor alone while the others idle; the writer takes any order."""
+    return sorted(range(len(plan.jobs)), key=lambda i: -work(plan.jobs[i]) * max(1, len(plan.jobs[i].inputs)))
+
+
 def estimated_peak(
     plan: MergePlan,
     device: str = "cpu",
@@ -102,7 +117,8 @@ def estimated_peak(
 ) -> int:
     """Bytes of working sets a merge of ``plan`` holds at its peak (inputs are page cache, not counted)."""
     workers = workers or default_workers()
-    return peak_in_flight(working_sets(plan, device, engine, workers, memory_budget), workers, memory_budget)
+    costs = working_sets(plan, device, engine, workers, memory_budget)
+    return peak_in_flight([costs[i] for i in run_order(plan)], workers, memory_budget)
 
 
 def default_memory_budget() -> int:
@@ -287,7 +303,7 @@ def execute_plan(
 
     try:
         with runner.threads(workers):
-            for index in range(len(plan.jobs)):
+            for index in run_order(plan):
                 while pending and (len(pending) > workers or in_flight + costs[index] > memory_budget):
                     finish_one()
                 pending[submit(index)] = index
