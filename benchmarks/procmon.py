@@ -6,6 +6,12 @@ allocated) from page-cache-backed file pages (mmapped safetensors count in RSS b
 this module sums ``VmRSS`` and ``RssAnon`` over the root process and all its descendants every
 ``interval`` seconds and keeps the peak of each sum. ``ru_maxrss`` from ``wait4`` is kept as a
 cross-check for spikes shorter than the sampling interval.
+
+A forked worker's ``RssAnon`` also counts the parent's anonymous pages it still shares copy-on-write, so
+the sum over a tree of forked workers counts those pages once per process: an upper bound. ``Pss_Anon``
+(``/proc/PID/smaps_rollup``) divides each shared page among the processes sharing it, so its sum over the
+tree is the anonymous memory the tree really holds; it is sampled every ``PSS_EVERY``-th sample, as reading
+it walks the page tables of every mapping (the memory-mapped inputs included).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESCAN_EVERY = 5  # look for new children every 5th sample only: a /proc scan costs more than a status read
+PSS_EVERY = 5  # read smaps_rollup every 5th sample only: it costs milliseconds on a process mapping GBs
 
 
 @dataclass
@@ -29,7 +36,8 @@ class RunResult:
     wall_s: float
     cpu_s: float  # user + system time of the process and its reaped children: robust to a busy machine
     peak_rss_bytes: int
-    peak_anon_bytes: int
+    peak_anon_bytes: int  # the sum of RssAnon: counts pages forked workers share with their parent once each
+    peak_pss_anon_bytes: int  # the sum of Pss_Anon: shared pages divided among their sharers
     max_rss_kernel_bytes: int  # ru_maxrss: largest single process, exact (kernel-tracked)
     samples: int
     peak_procs: int
@@ -83,6 +91,18 @@ def read_status(pid: int) -> tuple[int, int] | None:
     return rss, anon
 
 
+def read_pss_anon(pid: int) -> int | None:
+    """Pss_Anon of one process in bytes, or None if it is gone or the kernel has no smaps_rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss_Anon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 class _Sampler(threading.Thread):
     """Background thread that polls the tree until told to stop."""
 
@@ -90,7 +110,7 @@ class _Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
         self.stop_event = threading.Event()
-        self.peak_rss = self.peak_anon = self.samples = self.peak_procs = 0
+        self.peak_rss = self.peak_anon = self.peak_pss_anon = self.samples = self.peak_procs = 0
 
     def run(self) -> None:
         pids = [self.root]
@@ -106,6 +126,8 @@ class _Sampler(threading.Thread):
                     rss += status[0]
                     anon += status[1]
                     live += 1
+            if live and n % PSS_EVERY == 1:
+                self.peak_pss_anon = max(self.peak_pss_anon, sum(read_pss_anon(pid) or 0 for pid in pids))
             if live:
                 self.samples += 1
                 self.peak_rss = max(self.peak_rss, rss)
@@ -155,6 +177,7 @@ def run_monitored(
         cpu_s=usage.ru_utime + usage.ru_stime,
         peak_rss_bytes=sampler.peak_rss,
         peak_anon_bytes=sampler.peak_anon,
+        peak_pss_anon_bytes=sampler.peak_pss_anon,
         max_rss_kernel_bytes=usage.ru_maxrss * 1024,
         samples=sampler.samples,
         peak_procs=sampler.peak_procs,

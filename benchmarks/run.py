@@ -65,7 +65,8 @@ class Run:
     cpu_s: float = 0.0
     load1: float = 0.0  # 1-minute load average when the run started: context for noisy timings
     peak_rss_bytes: int = 0
-    peak_anon_bytes: int = 0
+    peak_anon_bytes: int = 0  # summed RssAnon: pages forked workers share with their parent count once each
+    peak_pss_anon_bytes: int = 0  # summed Pss_Anon: the anonymous memory the process tree really holds
     max_rss_kernel_bytes: int = 0
     output_bytes: int = 0
     error: str = ""
@@ -252,6 +253,7 @@ def run_one(tool: str, recipe: Recipe, idx: int, args: argparse.Namespace, work:
         load1=load1,
         peak_rss_bytes=res.peak_rss_bytes,
         peak_anon_bytes=res.peak_anon_bytes,
+        peak_pss_anon_bytes=res.peak_pss_anon_bytes,
         max_rss_kernel_bytes=res.max_rss_kernel_bytes,
         output_bytes=dir_bytes(out),
     )
@@ -298,8 +300,8 @@ def report(session: Session, recipes: list[Recipe], title: str) -> str:
     floors = {r.name: [f for f in session.floors if f.recipe == r.name] for r in recipes}
     lines += [
         "| recipe | tool | median wall s | median CPU s | median peak RSS GiB | median peak RssAnon GiB "
-        "| input GB/s | ratio to mergekit | ratio to I/O floor | runs ok |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| median peak Pss_Anon GiB | input GB/s | ratio to mergekit | ratio to I/O floor | runs ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recipes:
         fl = floors[r.name]
@@ -310,17 +312,18 @@ def report(session: Session, recipes: list[Recipe], title: str) -> str:
             runs = [x for x in session.runs if x.recipe == r.name and x.tool == tool]
             ok = [x for x in runs if x.ok]
             if not runs:  # a report written mid-session: this recipe's turn has not come yet
-                lines.append(f"| {r.name} | {tool} | not run yet | | | | | | | |")
+                lines.append(f"| {r.name} | {tool} | not run yet | | | | | | | | |")
                 continue
             if not ok:
                 err = runs[0].error
-                lines.append(f"| {r.name} | {tool} | failed: {err.replace('|', '/')} | | | | | | | 0/{len(runs)} |")
+                lines.append(f"| {r.name} | {tool} | failed: {err.replace('|', '/')} | | | | | | | | 0/{len(runs)} |")
                 continue
             wall = median([x.wall_s for x in ok])
             lines.append(
                 f"| {r.name} | {tool} | {fmt(wall)} | {fmt(median([x.cpu_s for x in ok]))} "
                 f"| {fmt(median([x.peak_rss_bytes / GIB for x in ok]))} "
-                f"| {fmt(median([x.peak_anon_bytes / GIB for x in ok]))} | {fmt(in_bytes / 1e9 / wall)} "
+                f"| {fmt(median([x.peak_anon_bytes / GIB for x in ok]))} "
+                f"| {fmt(median([x.peak_pss_anon_bytes / GIB for x in ok]))} | {fmt(in_bytes / 1e9 / wall)} "
                 f"| {fmt(wall / median(mk)) if mk else '–'} | {fmt(wall / floor_s, '.1f')} | {len(ok)}/{len(runs)} |"
             )
     lines += [
@@ -345,13 +348,13 @@ def report(session: Session, recipes: list[Recipe], title: str) -> str:
             "<details><summary>every run</summary>",
             "",
             "| recipe | tool | # | wall s | CPU s | load avg at start | peak RSS GiB | peak RssAnon GiB "
-            "| ru_maxrss GiB | output GB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| peak Pss_Anon GiB | ru_maxrss GiB | output GB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {x.recipe} | {x.tool} | {x.index} | {x.wall_s:.2f} | {x.cpu_s:.1f} | {x.load1:.1f} "
             f"| {x.peak_rss_bytes / GIB:.2f} "
-            f"| {x.peak_anon_bytes / GIB:.2f} | {x.max_rss_kernel_bytes / GIB:.2f} "
+            f"| {x.peak_anon_bytes / GIB:.2f} | {x.peak_pss_anon_bytes / GIB:.2f} | {x.max_rss_kernel_bytes / GIB:.2f} "
             f"| {x.output_bytes / 1e9:.2f} |"
             for x in per_run
         ]
@@ -497,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 session.runs.append(run)
                 status = (
                     f"{run.wall_s:.1f} s, RSS {run.peak_rss_bytes / GIB:.2f} GiB, "
-                    f"anon {run.peak_anon_bytes / GIB:.2f} GiB"
+                    f"anon {run.peak_anon_bytes / GIB:.2f} GiB, Pss_Anon {run.peak_pss_anon_bytes / GIB:.2f} GiB"
                     if run.ok
                     else run.error
                 )
