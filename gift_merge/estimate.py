@@ -240,6 +240,10 @@ def estimate_stage(
         for key in kinds:  # a small kind none of whose inputs exists yet: the largest per entry seen
             memory.setdefault(key, max(memory.values(), key=lambda m: m[1]))
         sizes = [int(memory[key_of[id(j)]][0] + memory[key_of[id(j)]][1] * j.numel) for j in plan.jobs]
+        # A probe is small enough to buffer its cuts; a job the budget makes stream them holds what the model
+        # of its streamed working set says, not the probe's buffers scaled to its size.
+        unbounded = working_sets(plan, device, engine, workers, UNBOUNDED)
+        sizes = [held_by(size, cost, whole) for size, cost, whole in zip(sizes, costs, unbounded, strict=True)]
     else:
         sizes = costs
     local = sum(f.stat().st_size for f in files if hub_origin(f.parent) is None)
@@ -261,6 +265,17 @@ def estimate_stage(
         imported_bytes=imported,
         probe_s=time.perf_counter() - started,
     )
+
+
+UNBOUNDED = 1 << 62
+"""A memory budget no job passes: the working sets of jobs that buffer every cut."""
+
+
+def held_by(measured: int, cost: int, buffered_cost: int) -> int:
+    """The bytes a job holds: ``measured`` (the probe's allocations per entry, scaled to the job), unless the
+    budget makes it stream its cuts (its modelled ``cost`` is below ``buffered_cost``, what it would hold
+    buffering them): then at most ``cost``, as the probe buffered what the job streams."""
+    return min(measured, cost) if cost < buffered_cost else measured
 
 
 class Run(NamedTuple):

@@ -17,11 +17,13 @@ from click.testing import CliRunner
 from gift_merge.cli import main
 from gift_merge.dtypes import BFLOAT16
 from gift_merge.engine.compute import MethodEngine
-from gift_merge.engine.executor import peak_in_flight, run_order
+from gift_merge.engine.executor import peak_in_flight, run_order, working_sets
 from gift_merge.estimate import (
+    UNBOUNDED,
     StageEstimate,
     describe_memory,
     format_seconds,
+    held_by,
     peak_held,
     replay,
     resident_pages,
@@ -178,3 +180,38 @@ def test_the_executor_starts_the_jobs_with_the_most_work_first() -> None:
     order = run_order(plan)
     expected = sorted(range(len(jobs)), key=lambda i: (-work(jobs[i]) * len(jobs[i].inputs), i))
     assert order == expected == [2, 1, 4, 0, 3]
+
+
+def test_a_job_the_budget_makes_stream_its_cuts_is_estimated_at_its_streamed_working_set(
+    tmp_path: Path, llama: dict[str, Path]
+) -> None:
+    """The probe is small enough to buffer its cuts; scaled to a large tensor whose cuts stream, its buffers
+    would overstate the peak (a 70B-vocabulary TIES merge was estimated at 9.7 GiB and held 0.14 GiB)."""
+    recipe = (
+        f"merge_method: ties\nbase_model: {llama['base']}\nmodels:\n"
+        f"  - {{model: {llama['math']}, parameters: {{weight: 1, density: 0.5}}}}\n"
+        f"  - {{model: {llama['code']}, parameters: {{weight: 1, density: 0.5}}}}\n"
+    )
+    plan = plan_recipe(parse_recipe(recipe, folder=tmp_path))[-1]
+    budget = 1 << 16
+    streamed_costs = working_sets(plan, "cpu", "auto", 1, budget)
+    buffered_costs = working_sets(plan, "cpu", "auto", 1, UNBOUNDED)
+    assert any(s < b for s, b in zip(streamed_costs, buffered_costs, strict=True))  # some jobs stream their cuts
+    streamed = estimate(plan, tmp_path / "out", MergeOptions(workers=1, max_memory=budget))
+    assert isinstance(streamed, StageEstimate) and streamed.working_sets_measured
+    gib = 1 << 30  # a 1.05-billion-entry TIES tensor: buffers measured per entry, against its streamed slices
+    assert held_by(10 * gib, gib // 10, 8 * gib) == gib // 10
+    assert held_by(gib // 20, gib // 10, 8 * gib) == gib // 20  # the model's slices can exceed a small job's
+    assert held_by(10 * gib, 8 * gib, 8 * gib) == 10 * gib  # buffered: as measured
+
+
+def test_multislerp_and_karcher_hold_their_unit_vectors_in_the_model_while_they_fit() -> None:
+    """Held arrays (one per model and one more, float32) count while they fit the job's limit; beyond it the
+    job streams, and its working set is its slices."""
+    big = job("karcher", (128256, 8192))
+    slices = MethodEngine.working_set(job("linear", (128256, 8192)))
+    assert MethodEngine.working_set(big, 1 << 30) == slices
+    small = job("multislerp", (4096, 1024))
+    held = 4 * 4096 * 1024 * 4  # three models and the mean direction
+    assert MethodEngine.working_set(small, 1 << 30) == MethodEngine.working_set(job("linear", (4096, 1024))) + held
+    assert MethodEngine.working_set(small, 1 << 20) == MethodEngine.working_set(job("linear", (4096, 1024)))

@@ -12,6 +12,7 @@ from gift_merge.io.finite import InputWatch
 from gift_merge.io.writer import ShardedWriter
 from gift_merge.operators import get_operator
 from gift_merge.operators.base import CHUNK, NO_LIMIT, cut_bytes
+from gift_merge.operators.held import held_fits
 from gift_merge.plan import MergePlan, TensorJob
 
 from .backend import NUMPY, Backend
@@ -83,6 +84,10 @@ class MethodEngine:
         cuts = cut_bytes(job.numel, len(job.inputs))
         if memory == "cuts" or (memory == "stream_cuts" and cuts <= buffer_limit):
             return slices + cuts
+        if memory == "held":
+            count = len(job.inputs) + 1  # the most arrays multislerp and karcher hold (``Held``)
+            fits = held_fits(count, job.numel, buffer_limit)
+            return slices + (count * job.numel * job.math_dtype.itemsize if fits else 0)
         if memory == "whole":
             workspace = get_operator(job.operator).workspace
             extra = workspace(job.shape) if workspace is not None else 0

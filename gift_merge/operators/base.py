@@ -32,11 +32,12 @@ REQUIRED: Any = _Required()
 
 BaseRole = Literal["required", "optional", "ignored"]
 
-Memory = Literal["slices", "stream_cuts", "cuts", "whole"]
+Memory = Literal["slices", "stream_cuts", "cuts", "held", "whole"]
 """What a method holds besides a few slices (the engine's working-set model): ``slices`` nothing more;
 ``stream_cuts`` a float32 |δ| buffer and a bool mask per model while they fit the job's buffer limit, else
-nothing more (the cut streams); ``cuts`` those buffers always (arcee_fusion's importance buffer); ``whole``
-every input whole, in float32."""
+nothing more (the cut streams); ``cuts`` those buffers always (arcee_fusion's importance buffer); ``held``
+one tensor-sized array per model and one more between passes while they fit the job's buffer limit
+(:class:`~gift_merge.operators.held.Held`), else nothing more; ``whole`` every input whole, in float32."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from .base import Operands
 
 
+def held_fits(count: int, numel: int, buffer_limit: int) -> bool:
+    """Whether ``count`` arrays of ``numel`` entries are held: at 8 bytes per entry, so float64 fits too."""
+    return count * numel * 8 <= buffer_limit
+
+
 class Held:
     """Up to ``count`` tensor-sized arrays a multi-pass method keeps between passes while they fit the job's
     buffer limit (:attr:`~gift_merge.operators.base.Operands.buffer_limit`, at 8 bytes per entry, so float64
@@ -22,7 +27,7 @@ class Held:
 
     def __init__(self, operands: Operands[Any], count: int) -> None:
         self.backend, self.numel = operands.backend, operands.numel
-        self.fits = count * operands.numel * 8 <= operands.buffer_limit
+        self.fits = held_fits(count, operands.numel, operands.buffer_limit)
         self.arrays: list[Any] = []
 
     def __bool__(self) -> bool:

@@ -150,4 +150,5 @@ KARCHER = Operator(
     min_models=1,
     summary="Riemannian (Karcher) mean of the inputs' directions, scaled by their mean norm.",
     paper="https://doi.org/10.1002/cpa.3160300502",
+    memory="held",
 )

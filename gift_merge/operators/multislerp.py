@@ -143,5 +143,6 @@ MULTISLERP = Operator(
     min_models=1,
     summary="Weighted spherical mean of several models, or of their task vectors over a base.",
     paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    memory="held",
     check=check_multislerp,
 )
