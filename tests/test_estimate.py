@@ -215,3 +215,13 @@ def test_multislerp_and_karcher_hold_their_unit_vectors_in_the_model_while_they_
     held = 4 * 4096 * 1024 * 4  # three models and the mean direction
     assert MethodEngine.working_set(small, 1 << 30) == MethodEngine.working_set(job("linear", (4096, 1024))) + held
     assert MethodEngine.working_set(small, 1 << 20) == MethodEngine.working_set(job("linear", (4096, 1024)))
+
+
+def test_plan_estimates_the_run_with_its_workers_and_memory_budget(tmp_path: Path, llama: dict[str, Path]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LINEAR.format(**llama) + "output: out\n")
+    result = CliRunner().invoke(main, ["plan", str(recipe), "--workers", "1", "--max-memory", "64MiB"])
+    assert result.exit_code == 0, result.output
+    assert ", 1 workers on " in result.output
+    bad = CliRunner().invoke(main, ["plan", str(recipe), "--max-memory", "4x"])
+    assert bad.exit_code == 2 and "--max-memory" in bad.output

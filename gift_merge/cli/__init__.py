@@ -49,6 +49,18 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
 
 
+WORKERS_OPTION = click.option(
+    "--workers", type=int, default=None, help="Tensors processed concurrently [default: cores, 2..8]."
+)
+MAX_MEMORY_OPTION = click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Private memory the merge engine may hold (1GiB, 500MB) [default: 1GiB, or half the available memory "
+    "if less]; larger magnitude cuts then stream instead of buffering.",
+)
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
@@ -57,10 +69,8 @@ def main(ctx: click.Context, debug: bool, quiet: bool, allow_pickle: bool) -> No
               help=f"Largest output shard, a number and a unit (500MB, 5GB, 1.5GiB). Units: {UNITS_HELP}.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random methods (DARE, DELLA).")
-@click.option("--workers", type=int, default=None, help="Tensors processed concurrently [default: cores, 2..8].")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="Private memory the merge engine may hold (1GiB, 500MB) [default: 1GiB, or half the available "
-                   "memory if less]; larger magnitude cuts then stream instead of buffering.")  # fmt: skip
+@WORKERS_OPTION
+@MAX_MEMORY_OPTION
 @click.option("--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where earlier stages of a multi-document recipe go [default: OUT-stages].")  # fmt: skip
 @click.option("--engine", type=click.Choice(["auto", "numpy", "torch"]), default="auto", show_default=True,
@@ -221,9 +231,12 @@ def validate(recipe: Path) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@WORKERS_OPTION
+@MAX_MEMORY_OPTION
 @handle_errors
-def plan(recipe: Path) -> None:
-    """Print the resolved job of every output tensor, and what the run will cost on this machine."""
+def plan(recipe: Path, workers: int | None, max_memory: str | None) -> None:
+    """Print the resolved job of every output tensor, and what the run will cost on this machine (with the
+    `run` options that change it: --workers, --max-memory)."""
     from gift_merge.engine.allocator import reuse_large_buffers
     from gift_merge.engine.compute import numpy_unsupported
     from gift_merge.engine.executor import estimated_peak
@@ -235,6 +248,7 @@ def plan(recipe: Path) -> None:
         process_age,
         substitutes_for,
     )
+    from gift_merge.io.sizes import parse_size
     from gift_merge.merge import MergeOptions, estimate, plan_recipe, resolve_output
     from gift_merge.plan import describe_job
     from gift_merge.recipe import load_recipe
@@ -249,6 +263,9 @@ def plan(recipe: Path) -> None:
         out = Path.cwd() / "merged"
     startup, held = process_age(), private_bytes()  # before any probe: what a run holds before it merges
     substitutes = substitutes_for(plans)
+    options = MergeOptions(
+        workers=workers, max_memory=parse_size(max_memory, "--max-memory") if max_memory is not None else None
+    )
     seconds, untimed = 0.0, []
     for stage_plan in plans:
         name = stage_plan.stage.name or "final"
@@ -260,8 +277,9 @@ def plan(recipe: Path) -> None:
         click.echo(f"# stage {name}: {stage_plan.operator.name}, {len(stage_plan.jobs)} tensors, {size:.3f} GB")
         why_not = numpy_unsupported(stage_plan, "cpu")
         click.echo(f"# engine on the CPU: {'numpy' if why_not is None else f'torch ({why_not})'}")
-        found = estimate(stage_plan, out, MergeOptions(), substitutes)
-        click.echo(f"# memory: {describe_memory(held, found, estimated_peak(stage_plan))}")
+        found = estimate(stage_plan, out, options, substitutes)
+        peak = estimated_peak(stage_plan, workers=options.workers, memory_budget=options.memory_budget)
+        click.echo(f"# memory: {describe_memory(held, found, peak)}")
         if isinstance(found, StageEstimate):
             seconds += found.seconds
             click.echo(f"# time: about {format_seconds(found.seconds)} ({found.describe()})")
