@@ -103,7 +103,8 @@ class StageEstimate:
             parts.append(f"imports {format_seconds(self.setup_s)}")
         how = (
             f"measured on one tensor of each of {self.kinds} kind(s), cut to about {PROBE_ENTRIES >> 20}M entries, "
-            f"{self.workers} workers on {self.cores_together:.1f} cores, {self.cold_bytes / 1e9:.2f} GB of input not "
+            f"{self.workers} worker{'s' if self.workers != 1 else ''} on {self.cores_together:.1f} cores, "
+            f"{self.cold_bytes / 1e9:.2f} GB of input not "
             "cached; "
             f"the probe took {self.probe_s:.2f} s"
         )

@@ -222,6 +222,6 @@ def test_plan_estimates_the_run_with_its_workers_and_memory_budget(tmp_path: Pat
     recipe.write_text(LINEAR.format(**llama) + "output: out\n")
     result = CliRunner().invoke(main, ["plan", str(recipe), "--workers", "1", "--max-memory", "64MiB"])
     assert result.exit_code == 0, result.output
-    assert ", 1 workers on " in result.output
+    assert ", 1 worker on " in result.output
     bad = CliRunner().invoke(main, ["plan", str(recipe), "--max-memory", "4x"])
     assert bad.exit_code == 2 and "--max-memory" in bad.output
