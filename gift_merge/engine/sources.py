@@ -28,12 +28,6 @@ from .backend import NUMPY, Backend, TorchBackend
 from .blocks import rows_per_block
 
 
-def value_dtype(stored: DType, math: DType, load: DType | None) -> DType:
-    """The dtype a stored tensor is widened to for a job computing in ``math``: float64 where its values are
-    float64 once loaded (as torch's ``tensor.to(load).to(math)`` keeps them), else ``math``."""
-    return FLOAT64 if (load or stored) == FLOAT64 else math
-
-
 class StoredSource:
     """A stored tensor, widened a slice at a time, plus (if given) an adapter's ΔW for the same slice;
     with ``delta_only`` just the ΔW (what ``deltas`` methods such as GIFT receive)."""
@@ -49,7 +43,7 @@ class StoredSource:
         delta_only: bool = False,
     ) -> None:
         self.backend, self.bits, self.stored, self.load, self.delta = backend, bits, stored, load, delta
-        self.math = value_dtype(stored, math, load)
+        self.math = FLOAT64 if (load or stored) == FLOAT64 else math  # as torch's tensor.to(load).to(math)
         self.delta_only = delta_only
 
     def read(self, part: slice) -> Any:
@@ -177,19 +171,6 @@ class JobInputs:
         stored = model.tensors[src.name][1]
         return StoredSource(self.backend, bits, stored, job.math_dtype, job.load_dtype, delta, delta_only=src.delta)
 
-    def math_dtype(self, job: TensorJob) -> DType:
-        """The dtype ``job`` computes in (:attr:`Operands.math_dtype`): float64 where any of its sources reads
-        float64, as :meth:`source` builds them. An additive adapter's ΔW alone is formed in the job's math
-        dtype; every other source reads its tensor widened (:func:`value_dtype`), a patched one too."""
-        for src in job.sources:
-            model = self.models[src.model]
-            patch = model.patches.get(src.name)
-            if src.delta and patch is not None and patch.additive:
-                continue
-            if value_dtype(model.tensors[src.name][1], job.math_dtype, job.load_dtype) == FLOAT64:
-                return FLOAT64
-        return job.math_dtype
-
     def operands(self, job: TensorJob, sink: Sink | None = None, buffer_limit: int = NO_LIMIT) -> Operands[Any]:
         """The method's view of ``job``; with a ``sink`` its output goes there slice by slice; cuts hold
         tensor-sized buffers up to ``buffer_limit`` bytes."""
@@ -201,6 +182,7 @@ class JobInputs:
             from .remap import remapped_sources
 
             sources = remapped_sources(self, job)
+        wide = any(source.read(slice(0, 0)).dtype.itemsize == FLOAT64.itemsize for source in sources)
         return Operands(
             sources=sources[: len(job.inputs)],
             base=sources[-1] if job.base is not None else None,
@@ -212,5 +194,5 @@ class JobInputs:
             generator=generator_for(self.seed, job.name) if op.random else None,
             tensor_name=job.name,
             buffer_limit=buffer_limit,
-            math_dtype=self.math_dtype(job),
+            math_dtype=FLOAT64 if wide else job.math_dtype,
         )
